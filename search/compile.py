@@ -1,0 +1,186 @@
+"""Compile a candidate with TVM (Relax) for the target, with MetaSchedule-tuned kernels.
+
+Untuned TVM on CPU runs naive loops (60x slower than tuned on the default model), so latency that
+ranks candidates must come from tuned kernels. Tuning records go to one database per target
+(`<cache>/tuning/<target key>/`), reused across trials and runs: a workload seen before (same
+shapes, which channel rounding makes common) costs nothing to tune again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.errors import TrialFailed
+from search.target import TargetSpec
+
+
+def light_tensor_intrinsics() -> None:
+    """Register only the CPU tensor intrinsics, skipping the CUDA ones.
+
+    NOTE: `import tvm.s_tir.tensor_intrin` takes ~66 s here (45 s of it CUDA), and MetaSchedule's
+    builder imports it in every worker under a 30 s timeout, so every build "times out". Making
+    the package importable without its __init__ and loading x86/arm only avoids that. Also used as
+    the builder's worker initializer.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir
+
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+    sys.modules[name] = pkg
+    for arch in ("x86", "arm_cpu"):
+        importlib.import_module(f"{name}.{arch}")
+
+
+def to_relax(model: nn.Module, example: torch.Tensor) -> Any:
+    """torch.export -> Relax IRModule with the weights bound as constants (folded at compile)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        ep = torch.export.export(model.eval(), (example,))
+        return from_exported_program(ep, keep_params_as_input=False,
+                                     unwrap_unit_return_tuple=True)
+    except Exception as exc:  # noqa: BLE001 - every export/import failure is reported the same
+        raise TrialFailed(f"model does not export to TVM: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled candidate and how much of it runs tuned kernels."""
+
+    executable: Any  # tvm.relax.VMExecutable
+    tasks: int  # tunable kernels in the graph
+    tuned: int  # of which have a tuning record
+    new_tasks: int  # tuned during this compile (not found in the database)
+    tuning_s: float
+
+    @property
+    def fully_tuned(self) -> bool:
+        return self.tuned == self.tasks
+
+
+def _fused(mod: Any, target: Any) -> Any:
+    """The fused-TIR form MetaSchedule extracts tasks from (same passes as compile_relax)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    with target:
+        return tvm.transform.Sequential([
+            *pipeline.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ])(mod)
+
+
+class Compiler:
+    """Compiles Relax modules for one target, tuning new workloads into its database."""
+
+    def __init__(self, target: TargetSpec, db_dir: Path, trials_per_task: int,
+                 log_dir: Path | None = None, seed: int = 0) -> None:
+        light_tensor_intrinsics()
+        from tvm.s_tir import meta_schedule as ms
+
+        self.spec = target
+        self.target = target.tvm()
+        self.trials_per_task = trials_per_task
+        self.seed = seed
+        db_dir.mkdir(parents=True, exist_ok=True)
+        self.db_dir = db_dir
+        self.log_dir = log_dir or db_dir / "logs"
+        self.database = ms.database.JSONDatabase(
+            path_workload=str(db_dir / "workloads.json"),
+            path_tuning_record=str(db_dir / "records.json"))
+        self.tuning_s_total = 0.0
+        self.tasks_tuned_total = 0
+
+    def _has_record(self, task: Any) -> bool:
+        mod = task.dispatched[0]
+        return self.database.query_tuning_record(mod, self.target, task.task_name) is not None
+
+    def _tune(self, tasks: list[Any], progress: Any | None) -> None:
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+        n = self.trials_per_task
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        strategy = ms.search_strategy.EvolutionarySearch(
+            population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
+        contexts, weights = extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(self.log_dir), strategy=strategy, seed=self.seed)
+        m = self.spec.measurement
+        callbacks = list(ms.MeasureCallback.create("default"))
+        if progress is not None:
+            callbacks.append(_progress_callback(progress))
+        ms.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(self.log_dir),
+            max_trials_global=n * len(tasks), max_trials_per_task=n, num_trials_per_iter=n,
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120,
+                                            initializer=light_tensor_intrinsics),
+            runner=ms.runner.LocalRunner(
+                timeout_sec=60,
+                evaluator_config=ms.runner.EvaluatorConfig(
+                    number=3, repeat=1, min_repeat_ms=min(m.min_repeat_ms, 20),
+                    enable_cpu_cache_flush=False)),
+            database=self.database,
+        )
+
+    def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
+        """Tune the module's new workloads (if tuning is on), then build with the database."""
+        from tvm.s_tir import meta_schedule as ms
+
+        try:
+            fused = _fused(mod, self.target)
+            tasks = ms.relax_integration.extract_tasks(fused, self.target)
+            # single-trial tasks (reshapes) have nothing to tune but still get a record
+            missing = [t for t in tasks if not self._has_record(t)]
+            start = time.perf_counter()
+            if missing and self.trials_per_task > 0:
+                if progress is not None:
+                    progress.reset(total=len(missing) * self.trials_per_task)
+                    progress.set_description(f"tuning {len(missing)} new kernels")
+                self._tune(missing, progress)
+            tuning_s = time.perf_counter() - start
+            tuned = sum(self._has_record(t) for t in tasks)
+            ex = ms.relax_integration.compile_relax(self.database, mod, self.target, None)
+        except TrialFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compile error fails the trial, not the study
+            msg = str(exc).strip().splitlines()
+            raise TrialFailed(f"TVM compile failed: {type(exc).__name__}: "
+                              f"{msg[-1] if msg else ''}") from exc
+        self.tuning_s_total += tuning_s
+        self.tasks_tuned_total += len(missing) if self.trials_per_task > 0 else 0
+        new = len(missing) if self.trials_per_task > 0 else 0
+        return Compiled(ex, len(tasks), tuned, new, tuning_s)
+
+
+def _progress_callback(bar: Any) -> Any:
+    """A MetaSchedule measure callback that advances a tqdm bar per measured candidate."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                  builder_results: Any, runner_results: Any) -> None:
+            bar.update(len(runner_results))
+
+    return _Progress()

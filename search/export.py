@@ -1,0 +1,94 @@
+"""Export a chosen front point: ONNX (checked in ONNX Runtime), the TVM library, its policy."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.errors import UserError
+
+
+@dataclass(frozen=True)
+class Exported:
+    onnx: Path
+    onnx_max_abs_error: float
+    tvm_library: Path
+    policy: Path
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """TorchScript-based exporter: no onnxscript graph rewriting, stable op set 17."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"],
+                              output_names=["logits"], opset_version=17, dynamo=False)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"model does not export to ONNX: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def check_onnx(path: Path, example: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
+    """Run the ONNX file in ONNX Runtime; its output must match PyTorch's."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+    err = float(np.abs(out - reference.numpy()).max())
+    if not err <= atol:
+        raise UserError(f"ONNX Runtime output differs from PyTorch by {err:.3g} (> {atol})")
+    return err
+
+
+def ort_session_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The model as ONNX bytes (for benchmarks that time ONNX Runtime on the same model)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), buf, input_names=["input"],
+                          output_names=["logits"], opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
+    """Rebuild trial `trial` of a run from its policy and weights, and write it out."""
+    import shutil
+
+    from search.compile import Compiler, to_relax
+    from search.compress import build
+    from search.policy import Policy
+    from search.run import RunInfo, setup_threads, tuning_dir
+    from search.target import load_target
+    from search.task import load_task
+
+    info = RunInfo.load(run_dir)
+    trial_dir = run_dir / "trials" / f"{trial:04d}"
+    if not (trial_dir / "model.pt").exists():
+        raise UserError(f"trial {trial} of {str(run_dir)!r} has no saved model (it failed, or "
+                        f"does not exist); pick a trial from `search front {run_dir}`")
+    target = load_target(info.target)
+    setup_threads(target)
+    task = load_task(info.config.task, **info.config.task_args)
+    policy = Policy.load(trial_dir / "policy.yaml")
+    model = build(task.model, policy, task.example)
+    model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        reference = model(task.example)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    to_onnx(model, task.example, onnx_path)
+    half = any(lp.bits == 16 for lp in policy.layers.values())
+    err = check_onnx(onnx_path, task.example, reference, atol=5e-2 if half else 1e-4)
+    compiler = Compiler(target, tuning_dir(target), trials_per_task=0)  # reuse tuned kernels
+    compiled = compiler.compile(to_relax(model, task.example))
+    lib = out / f"model_{target.name}.so"
+    compiled.executable.export_library(str(lib))
+    shutil.copy(trial_dir / "policy.yaml", out / "policy.yaml")
+    return Exported(onnx_path, err, lib, out / "policy.yaml")

@@ -1,0 +1,188 @@
+"""The Pareto front of a run: front.json, front.csv, a plot, per-point policies, a table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.policy import Policy
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated candidate, as a user reads it."""
+
+    trial: int
+    accuracy: float  # fraction
+    latency_ms: float  # median over repeats
+    latency_p25_ms: float
+    latency_p75_ms: float
+    latency_source: str  # how the latency was made, e.g. measured:host:tuned
+    size_bytes: int
+    params: int
+    flops: int
+    feasible: bool  # latency within the budget
+    policy: dict[str, dict[str, Any]]
+
+
+def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Point]:
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs
+        policy = Policy.load(run_dir / "trials" / f"{t.number:04d}" / "policy.yaml")
+        points.append(Point(t.number, a["accuracy"], a["latency_ms"], a["latency_p25_ms"],
+                            a["latency_p75_ms"], a["latency_source"], a["size_bytes"],
+                            a["params"], a["flops"], a["latency_ms"] <= budget_ms,
+                            policy.to_dict()))
+    return points
+
+
+def _dominates(a: Point, b: Point) -> bool:
+    ge = (a.accuracy >= b.accuracy and a.latency_ms <= b.latency_ms
+          and a.size_bytes <= b.size_bytes)
+    gt = (a.accuracy > b.accuracy or a.latency_ms < b.latency_ms
+          or a.size_bytes < b.size_bytes)
+    return ge and gt
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Non-dominated points (accuracy up, latency down, size down), fastest first."""
+    front = [p for p in points if not any(_dominates(q, p) for q in points)]
+    return sorted(front, key=lambda p: p.latency_ms)
+
+
+def failures_of(study: optuna.Study) -> list[dict[str, Any]]:
+    return [{"trial": t.number, "reason": t.user_attrs.get("fail_reason", "unknown")}
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+
+
+def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: str) -> dict:
+    """Write front.json / front.csv / pareto.png (+ .html with plotly) / front/*.yaml."""
+    points = points_of(study, budget_ms, run_dir)
+    base = next((p for p in points
+                 if study.trials[p.trial].user_attrs.get("uncompressed")), None)
+    front = pareto(points)
+    data = {
+        "target": target,
+        "budget_ms": budget_ms,
+        "objectives": {"accuracy": "maximize", "latency_ms": "minimize",
+                       "size_bytes": "minimize"},
+        "baseline": None if base is None else {
+            "trial": base.trial, "accuracy": base.accuracy, "latency_ms": base.latency_ms,
+            "latency_source": base.latency_source, "size_bytes": base.size_bytes},
+        "points": [asdict(p) for p in front],
+        "trials": {"complete": len(points), "failed": failures_of(study)},
+    }
+    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
+    with open(run_dir / "front.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "accuracy", "latency_ms", "latency_p25_ms", "latency_p75_ms",
+                         "latency_source", "size_bytes", "params", "flops", "feasible"])
+        for p in front:
+            writer.writerow([p.trial, p.accuracy, p.latency_ms, p.latency_p25_ms,
+                             p.latency_p75_ms, p.latency_source, p.size_bytes, p.params,
+                             p.flops, p.feasible])
+    policies = run_dir / "front"
+    shutil.rmtree(policies, ignore_errors=True)
+    policies.mkdir()
+    for p in front:
+        Policy.from_dict(p.policy).save(policies / f"trial_{p.trial:04d}.yaml")
+    plot(run_dir, points, front, budget_ms, base, target)
+    return data
+
+
+def plot(run_dir: Path, points: list[Point], front: list[Point], budget_ms: float,
+         base: Point | None, target: str) -> None:
+    """Accuracy vs measured latency; marker area ~ stored size. PNG always, HTML with plotly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    biggest = max((p.size_bytes for p in points), default=1)
+    sizes = [20 + 300 * p.size_bytes / biggest for p in points]
+    ax.scatter([p.latency_ms for p in points], [100 * p.accuracy for p in points], s=sizes,
+               alpha=0.35, color="grey", label="all trials")
+    ax.scatter([p.latency_ms for p in front], [100 * p.accuracy for p in front],
+               s=[20 + 300 * p.size_bytes / biggest for p in front], color="tab:blue",
+               label="Pareto front")
+    for p in front:
+        ax.annotate(f"#{p.trial}", (p.latency_ms, 100 * p.accuracy), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if base is not None:
+        ax.scatter([base.latency_ms], [100 * base.accuracy], marker="x", color="black", s=60,
+                   label="uncompressed")
+    ax.axvline(budget_ms, color="tab:red", linestyle="--", label=f"budget {budget_ms:g} ms")
+    sources = sorted({p.latency_source for p in points})
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency, ms (median; {', '.join(sources)})")
+    ax.set_ylabel("accuracy, %")
+    ax.set_title(f"Pareto front on {target} (marker area ~ stored size)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / "pareto.png", dpi=120)
+    plt.close(fig)
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return
+    fig2 = go.Figure()
+    fig2.add_scatter(x=[p.latency_ms for p in points], y=[100 * p.accuracy for p in points],
+                     mode="markers", name="all trials", text=[f"#{p.trial}" for p in points])
+    fig2.add_scatter(x=[p.latency_ms for p in front], y=[100 * p.accuracy for p in front],
+                     mode="markers+text", name="front", text=[f"#{p.trial}" for p in front])
+    fig2.update_layout(xaxis_title="latency ms (measured)", yaxis_title="accuracy %",
+                       xaxis_type="log")
+    fig2.write_html(run_dir / "pareto.html")
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.0f} KiB" if n < 10 * 1024**2 else f"{n / 1024**2:,.1f} MiB"
+
+
+def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
+    """Short per-layer text: r=rank ratio, s=sparsity, b=bits; unchanged layers omitted."""
+    parts = []
+    for name, lp in policy.items():
+        bits = []
+        if lp["rank"] < 1:
+            bits.append(f"r{lp['rank']:g}")
+        if lp["sparsity"] > 0:
+            bits.append(f"s{lp['sparsity']:g}")
+        if lp["bits"] != 32:
+            bits.append(f"b{lp['bits']}")
+        if bits:
+            parts.append(f"{name}:{'/'.join(bits)}")
+    return " ".join(parts) or "uncompressed"
+
+
+def table(data: dict) -> str:
+    """The front as a terminal table, fastest first, with ratios to the uncompressed model."""
+    base = data.get("baseline")
+    lines = [f"Pareto front on {data['target']} (budget {data['budget_ms']:g} ms); "
+             f"{data['trials']['complete']} complete, {len(data['trials']['failed'])} failed"]
+    header = f"{'trial':>5} {'ok':>2} {'acc %':>6} {'lat ms':>8} {'(IQR)':>13} {'speedup':>7} " \
+             f"{'size':>10} {'smaller':>7}  {'latency source':<22} policy"
+    lines += [header, "-" * len(header)]
+    for p in data["points"]:
+        speed = f"{base['latency_ms'] / p['latency_ms']:.2f}x" if base else "-"
+        small = f"{base['size_bytes'] / p['size_bytes']:.1f}x" if base else "-"
+        iqr = f"{p['latency_p25_ms']:.2f}-{p['latency_p75_ms']:.2f}"
+        lines.append(f"{p['trial']:>5} {'y' if p['feasible'] else 'n':>2} "
+                     f"{100 * p['accuracy']:>6.2f} {p['latency_ms']:>8.3f} {iqr:>13} "
+                     f"{speed:>7} {_kib(p['size_bytes']):>10} {small:>7}  "
+                     f"{p['latency_source']:<22} {policy_summary(p['policy'])}")
+    if base:
+        lines.append(f"uncompressed (trial {base['trial']}): {100 * base['accuracy']:.2f}% "
+                     f"{base['latency_ms']:.3f} ms {_kib(base['size_bytes'])} "
+                     f"[{base['latency_source']}]")
+    lines.append("ok: within the latency budget. Latency: median of timed repeats of the "
+                 "TVM-compiled model; size: stored weight bytes at the policy's precision.")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Per-layer compression policies and the search space they are drawn from.
+
+The space is derived from the model (every Conv2d and Linear, with the knob values that make
+sense for its shape), never hand-listed, so a user's own model gets a space with no extra code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from search.graph import channel_consumers
+
+RANK_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # kept fraction of min(in, out); 1.0 = not factorized
+SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # fraction of output channels removed
+BITS = (32, 16, 8)  # weight precision: fp32, fp16 (computed in fp16), int8 (per-channel scales)
+CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
+
+
+def round_channels(n: float, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """Round to a multiple (at least one multiple), so compiled workloads repeat across trials."""
+    return max(multiple, int(round(n / multiple)) * multiple)
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """What to do to one layer. The default is the identity."""
+
+    rank: float = 1.0  # kept fraction of full rank (1.0: layer kept whole)
+    sparsity: float = 0.0  # fraction of output channels physically removed
+    bits: int = 32  # weight precision
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rank <= 1.0:
+            raise ValueError(f"rank must be in (0, 1], got {self.rank}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self == LayerPolicy()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole-model policy: layer name -> LayerPolicy. Layers not named are left alone."""
+
+    layers: Mapping[str, LayerPolicy] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.layers.items())))
+
+    def get(self, name: str) -> LayerPolicy:
+        return self.layers.get(name, LayerPolicy())
+
+    def to_dict(self) -> dict[str, dict[str, float | int]]:
+        return {name: asdict(lp) for name, lp in self.layers.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, float | int]]) -> Policy:
+        return cls({name: LayerPolicy(**dict(v)) for name, v in (data or {}).items()})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"layers": self.to_dict()}, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Policy:
+        return cls.from_dict((yaml.safe_load(text) or {}).get("layers", {}))
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_yaml())
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        return cls.from_yaml(path.read_text())
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """The knob values that apply to one layer."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    ranks: tuple[float, ...]
+    sparsities: tuple[float, ...]
+    bits: tuple[int, ...]
+
+
+def factorized_rank(layer: nn.Module, ratio: float) -> int:
+    """The rank a ratio means for this layer, rounded to the channel multiple."""
+    n_in, n_out = _io(layer)
+    return min(round_channels(min(n_in, n_out) * ratio), min(n_in, n_out))
+
+
+def _io(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    assert isinstance(layer, nn.Linear)
+    return layer.in_features, layer.out_features
+
+
+def _factorized_params(layer: nn.Module, rank: int) -> int:
+    n_in, n_out = _io(layer)
+    k = layer.kernel_size[0] * layer.kernel_size[1] if isinstance(layer, nn.Conv2d) else 1
+    return rank * (n_in * k + n_out)
+
+
+def compressible_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv2d (ungrouped) and Linear layers, in definition order."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    ]
+
+
+def derive_space(model: nn.Module, example: torch.Tensor) -> list[LayerSpace]:
+    """The per-layer search space of a model.
+
+    A rank is offered only where the factorized pair is smaller than the layer; sparsity only where
+    the layer's output channels feed exactly one Conv2d/Linear through channel-wise ops (so
+    removing them is a real, consistent edit) and never on the model's output layer.
+    """
+    consumers = channel_consumers(model, example)
+    space = []
+    for name, layer in compressible_layers(model):
+        n_in, n_out = _io(layer)
+        ranks = [1.0]
+        seen = set()
+        for ratio in RANK_RATIOS[1:]:
+            r = factorized_rank(layer, ratio)
+            full = sum(p.numel() for p in layer.parameters())
+            if r not in seen and _factorized_params(layer, r) < 0.8 * full:
+                seen.add(r)
+                ranks.append(ratio)
+        sparsities = [0.0]
+        if name in consumers:
+            kept_seen = {n_out}
+            for s in SPARSITIES[1:]:
+                kept = round_channels(n_out * (1 - s))
+                if kept not in kept_seen:
+                    kept_seen.add(kept)
+                    sparsities.append(s)
+        kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        space.append(LayerSpace(name, kind, tuple(ranks), tuple(sparsities), BITS))
+    return space
+
+
+def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.0,
+            bits: int = 32) -> Policy:
+    """The same knob values on every layer, clipped to what each layer offers."""
+
+    def nearest(options: tuple, want: float) -> float:
+        return min(options, key=lambda o: abs(o - want))
+
+    return Policy({
+        ls.name: LayerPolicy(nearest(ls.ranks, rank), nearest(ls.sparsities, sparsity),
+                             int(nearest(ls.bits, bits)))
+        for ls in space
+    })
