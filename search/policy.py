@@ -24,7 +24,7 @@ CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned ke
 
 def round_channels(n: float, multiple: int = CHANNEL_MULTIPLE) -> int:
     """Round to a multiple (at least one multiple), so compiled workloads repeat across trials."""
-    return max(multiple, int(round(n / multiple)) * multiple)
+    return max(multiple, int(n / multiple + 0.5) * multiple)  # half up, not banker's
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,15 @@ class LayerSpace:
 
 
 def factorized_rank(layer: nn.Module, ratio: float) -> int:
-    """The rank a ratio means for this layer, rounded to the channel multiple."""
+    """The rank a ratio means for this layer, rounded to the channel multiple.
+
+    Full rank is that of the weight as a matrix: out x in (conv: out x in*kh*kw).
+    """
     n_in, n_out = _io(layer)
-    return min(round_channels(min(n_in, n_out) * ratio), min(n_in, n_out))
+    if isinstance(layer, nn.Conv2d):
+        n_in *= layer.kernel_size[0] * layer.kernel_size[1]
+    full = min(n_in, n_out)
+    return min(round_channels(full * ratio), full)
 
 
 def _io(layer: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.compress import Fp16, build, factorize, model_stats, restructure
+from search.graph import channel_consumers
+from search.policy import LayerPolicy, Policy
+
+
+def stats(task, policy):
+    return model_stats(build(task.model, policy, task.example), policy, task.example)
+
+
+def test_low_rank_replaces_the_layer_by_two_smaller_ones(tiny_task):
+    base = stats(tiny_task, Policy())
+    policy = Policy({"fc1": LayerPolicy(rank=0.25), "conv2": LayerPolicy(rank=0.25)})
+    model = build(tiny_task.model, policy, tiny_task.example)
+    fc1 = model.fc1
+    assert isinstance(fc1, nn.Sequential) and fc1[0].out_features == 16  # 64 * 0.25
+    assert isinstance(model.conv2, nn.Sequential) and model.conv2[1].kernel_size == (1, 1)
+    low = model_stats(model, policy, tiny_task.example)
+    assert low.params < base.params and low.flops < base.flops and low.size_bytes < base.size_bytes
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(48, 40), nn.Conv2d(8, 16, 3, padding=1)])
+def test_factorization_at_full_rank_is_exact(layer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 48) if isinstance(layer, nn.Linear) else torch.randn(2, 8, 6, 6)
+    pair = factorize(layer, 1.0)
+    assert torch.allclose(pair(x), layer(x), atol=1e-4)
+
+
+def test_channel_pruning_removes_the_weakest_channels_for_real(tiny_task):
+    model = copy.deepcopy(tiny_task.model)
+    with torch.no_grad():  # make half of conv1's channels dead: removing them changes nothing
+        model.conv1.weight[16:] = 0
+        model.conv1.bias[16:] = -1.0  # relu(negative) == 0 downstream
+    policy = Policy({"conv1": LayerPolicy(sparsity=0.5)})
+    pruned = restructure(model, policy, tiny_task.example)
+    assert pruned.conv1.out_channels == 16 and pruned.conv2.in_channels == 16
+    x = tiny_task.val[0][:8]
+    assert torch.allclose(pruned(x), model(x), atol=1e-5)
+    assert model_stats(pruned, policy, x).params < model_stats(model, Policy(), x).params
+
+
+def test_pruning_through_flatten_shrinks_the_linear_inputs(tiny_task):
+    policy = Policy({"conv2": LayerPolicy(sparsity=0.25), "fc1": LayerPolicy(sparsity=0.5)})
+    model = build(tiny_task.model, policy, tiny_task.example)
+    assert model.conv2.out_channels == 48 and model.fc1.in_features == 48 * 8 * 8
+    assert model.fc1.out_features == 32 and model.fc2.in_features == 32
+    assert model(tiny_task.example).shape == (1, 10)
+
+
+def test_precision_halves_or_quarters_the_stored_bytes(tiny_task):
+    full = stats(tiny_task, Policy({"fc1": LayerPolicy()}))
+    half = stats(tiny_task, Policy({"fc1": LayerPolicy(bits=16)}))
+    int8 = stats(tiny_task, Policy({"fc1": LayerPolicy(bits=8)}))
+    fc1_weight = 4096 * 64
+    assert full.size_bytes - half.size_bytes == fc1_weight * 2 + 64 * 2 - 64 * 2  # fp32 bias
+    assert full.size_bytes - int8.size_bytes == fc1_weight * 3 - 64 * 4  # + per-channel scales
+    model = build(tiny_task.model, Policy({"fc1": LayerPolicy(bits=16)}), tiny_task.example)
+    assert isinstance(model.fc1, Fp16) and model.fc1.layer.weight.dtype == torch.float16
+    q = build(tiny_task.model, Policy({"fc1": LayerPolicy(bits=8)}), tiny_task.example)
+    w = q.fc1.weight
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.allclose(w / scale, (w / scale).round(), atol=1e-3)  # 255 levels per channel
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x))) + x
+
+
+def test_a_residual_add_makes_channels_unprunable():
+    consumers = channel_consumers(Residual(), torch.zeros(1, 4, 8, 8))
+    assert "a" in consumers and "b" not in consumers
