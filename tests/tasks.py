@@ -17,7 +17,7 @@ def nan_data() -> Task:
     task = tiny()
     x, y = task.train
     x = x.clone()
-    x[0, 0, 0, 0] = float("nan")
+    x[:, 0, 0, 0] = float("nan")
     task.train = (x, y)
     return task
 

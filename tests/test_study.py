@@ -1,0 +1,144 @@
+"""The study end to end on a tiny task (untuned compiles, so it runs in seconds per trial)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.config import SearchConfig
+from search.run import RunInfo, prepare, search
+from tests.conftest import cli_env
+
+TINY = {"task": "tests.tasks:tiny", "trials": 6, "finetune_steps": 5,
+        "tune_trials_per_task": 0, "startup_trials": 2}
+
+
+def run_tiny(out: Path, budget_ms: float = 0.5, **overrides) -> dict:
+    config = SearchConfig(**{**TINY, **overrides})
+    target, info = prepare("host", budget_ms, config, out, resume=False)
+    return search(out, target, info, resume=False, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "r"
+    return out, run_tiny(out)
+
+
+def test_a_run_writes_a_front_a_user_can_pick_from(tiny_run):
+    out, data = tiny_run
+    for name in ("study.db", "front.json", "front.csv", "pareto.png", "run.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    front = json.loads((out / "front.json").read_text())
+    assert set(front["baseline"]) >= {"accuracy", "latency_ms", "size_bytes"}
+    assert front["trials"]["complete"] == 6 and front["points"]
+    for p in front["points"]:
+        assert set(p) >= {"trial", "accuracy", "latency_ms", "latency_source", "size_bytes",
+                          "feasible", "policy"}
+        assert 0.0 <= p["accuracy"] <= 1.0
+        assert p["latency_source"] == "measured:host:untuned"  # tuning was off: it says so
+        assert p["feasible"] == (p["latency_ms"] <= 0.5)
+        assert (out / "front" / f"trial_{p['trial']:04d}.yaml").exists()
+    # no front point is dominated by another complete trial
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for p in front["points"]:
+        assert not any(t.values[0] > p["accuracy"] and t.values[1] < p["latency_ms"]
+                       and t.values[2] < p["size_bytes"] for t in done)
+
+
+def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
+    out, _ = tiny_run
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    first = study.trials[0]
+    assert first.user_attrs["uncompressed"] is True
+    assert all(v in (1.0, 0.0, 32) for v in first.params.values())
+    assert all(v == 0.125 for k, v in study.trials[1].params.items()
+               if k.endswith(".rank") and v != 1.0)
+    # the budget is an Optuna constraint: a trial is feasible iff within the budget
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert (t.constraints["latency_budget_ms"] <= 0) == (t.user_attrs["latency_ms"] <= 0.5)
+
+
+def test_front_and_export_commands(tiny_run):
+    out, data = tiny_run
+    shown = subprocess.run([sys.executable, "-m", "search", "front", str(out)], env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "Pareto front on host" in shown.stdout
+    trial = data["points"][0]["trial"]
+    exported = subprocess.run([sys.executable, "-m", "search", "export", str(out), str(trial)],
+                              env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    folder = out / "export" / f"trial_{trial}"
+    assert (folder / "model.onnx").stat().st_size > 0
+    assert (folder / "model_host.so").stat().st_size > 0
+    assert yaml.safe_load((folder / "policy.yaml").read_text())["layers"]
+    # the exported library loads and runs in TVM
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(str(folder / "model_host.so"))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    out_arr = vm["main"](tvm.runtime.tensor(np.zeros((1, 1, 16, 16), "float32"))).numpy()
+    assert out_arr.shape == (1, 10)
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(tmp_path):
+    out = tmp_path / "r"
+    data = run_tiny(out, task="tests.tasks:nan_data", trials=4)
+    failed = data["trials"]["failed"]
+    assert len(failed) == 3  # every compressed candidate hit the NaN; the baseline did not
+    assert all("non-finite fine-tune loss" in f["reason"] for f in failed)
+    assert data["trials"]["complete"] == 1 and data["baseline"] is not None
+
+
+def _complete(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_run_resumes_and_keeps_its_finished_trials(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "trials": 5}))
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "search", "run", "--config", str(config), "--budget", "1ms",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _complete(out / "study.db") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    storage = f"sqlite:///{out / 'study.db'}"
+    before = {t.number: t.values for t in optuna.load_study(study_name="search", storage=storage)
+              .trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 2 <= len(before) < 5
+    # a second run into the same folder without --resume refuses, and loses nothing
+    again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    resumed = subprocess.run(cmd + ["--resume"], env=cli_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="search", storage=storage)
+    after = {t.number: t.values for t in study.trials
+             if t.state == optuna.trial.TrialState.COMPLETE}
+    assert all(after[n] == v for n, v in before.items())  # finished trials kept as they were
+    assert len(after) == 5
+    assert RunInfo.load(out).config.trials == 5
