@@ -6,6 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,24 +62,16 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     import shutil
 
     from search.compile import Compiler, to_relax
-    from search.compress import build
-    from search.policy import Policy
     from search.run import RunInfo, setup_threads, tuning_dir
     from search.target import load_target
     from search.task import load_task
 
     info = RunInfo.load(run_dir)
     trial_dir = run_dir / "trials" / f"{trial:04d}"
-    if not (trial_dir / "model.pt").exists():
-        raise UserError(f"trial {trial} of {str(run_dir)!r} has no saved model (it failed, or "
-                        f"does not exist); pick a trial from `search front {run_dir}`")
     target = load_target(info.target)
     setup_threads(target)
     task = load_task(info.config.task, **info.config.task_args)
-    policy = Policy.load(trial_dir / "policy.yaml")
-    model = build(task.model, policy, task.example)
-    model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
-    model.eval()
+    model, policy = load_trial_model(run_dir, trial, task)
     with torch.no_grad():
         reference = model(task.example)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,3 +85,24 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     compiled.executable.export_library(str(lib))
     shutil.copy(trial_dir / "policy.yaml", out / "policy.yaml")
     return Exported(onnx_path, err, lib, out / "policy.yaml")
+
+
+def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, Any]:
+    """A trial's deployed model: rebuilt from its policy, with its fine-tuned weights."""
+    from search.compress import build
+    from search.policy import Policy
+
+    trial_dir = run_dir / "trials" / f"{trial:04d}"
+    if not (trial_dir / "policy.yaml").exists():
+        raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
+                        f"pick one from `search front {run_dir}`")
+    policy = Policy.load(trial_dir / "policy.yaml")
+    model = build(task.model, policy, task.example)
+    if all(lp.is_identity for lp in policy.layers.values()):
+        pass  # the uncompressed model: the task's own weights
+    elif (trial_dir / "model.pt").exists():
+        model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
+    else:
+        raise UserError(f"trial {trial} has no saved weights (it failed, or is off the front); "
+                        f"pick a trial from `search front {run_dir}`")
+    return model.eval(), policy

@@ -25,7 +25,8 @@ def distill(student: nn.Module, teacher: torch.Tensor, data: tuple[torch.Tensor,
     """`steps` Adam steps on alpha * KL(teacher || student) at `temperature` + (1-alpha) * CE.
 
     `teacher` holds the teacher's logits on `data` (eval mode is deterministic, so they are
-    computed once, not per step). Raises TrialFailed on a non-finite loss, so the study records why and goes on.
+    computed once, not per step). Raises TrialFailed on a non-finite loss, so the study
+    records why and goes on.
     """
     if steps <= 0:
         return student.eval()

@@ -88,6 +88,10 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
             writer.writerow([p.trial, p.accuracy, p.latency_ms, p.latency_p25_ms,
                              p.latency_p75_ms, p.latency_source, p.size_bytes, p.params,
                              p.flops, p.feasible])
+    on_front = {p.trial for p in front}
+    for p in points:  # dominated now means dominated forever: their weights are not needed
+        if p.trial not in on_front:
+            (run_dir / "trials" / f"{p.trial:04d}" / "model.pt").unlink(missing_ok=True)
     policies = run_dir / "front"
     shutil.rmtree(policies, ignore_errors=True)
     policies.mkdir()
@@ -183,6 +187,12 @@ def table(data: dict) -> str:
         lines.append(f"uncompressed (trial {base['trial']}): {100 * base['accuracy']:.2f}% "
                      f"{base['latency_ms']:.3f} ms {_kib(base['size_bytes'])} "
                      f"[{base['latency_source']}]")
+    ref = data.get("reference")
+    if base and ref:
+        ort_ms = ref["uncompressed_onnxruntime_fp32_ms"]
+        lines.append(f"reference: uncompressed under ONNX Runtime fp32 {ort_ms:.3f} ms; TVM "
+                     f"compiled {base['latency_ms']:.3f} ms ({ort_ms / base['latency_ms']:.2f}x "
+                     f"ONNX Runtime's speed)")
     lines.append("ok: within the latency budget. Latency: median of timed repeats of the "
                  "TVM-compiled model; size: stored weight bytes at the policy's precision.")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,3 +51,27 @@ def run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor
             time.sleep(settings.cooldown_ms / 1e3)
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
     return Latency(float(med), float(p25), float(p75), len(samples))
+
+
+def time_onnxruntime(onnx_bytes: bytes, example: torch.Tensor, settings: Measurement) -> float:
+    """The reference runtime: median ms of ONNX Runtime (CPU, one thread) on the same input.
+
+    Timed like the TVM evaluator: warm-up, then `repeat` repeats of at least `min_repeat_ms`.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: example.numpy()}
+    for _ in range(5):
+        sess.run(None, feed)
+    samples = []
+    for _ in range(settings.repeat):
+        n, start = 0, time.perf_counter()
+        while n < settings.number or (time.perf_counter() - start) * 1e3 < settings.min_repeat_ms:
+            sess.run(None, feed)
+            n += 1
+        samples.append((time.perf_counter() - start) * 1e3 / n)
+    return statistics.median(samples)

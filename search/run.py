@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -128,9 +129,24 @@ def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
         tune_bar.close()
         trials_bar.close()
     data = write_front(run_dir, study, info.budget_ms, target.name)
+    data["reference"] = reference_latency(task, target)
     data["tuning"] = {"seconds": round(compiler.tuning_s_total, 1),
                       "kernels_tuned": compiler.tasks_tuned_total,
                       "trials_per_kernel": config.tune_trials_per_task,
                       "database": str(compiler.db_dir)}
     data["wall_s"] = round(time.perf_counter() - start, 1)
+    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
     return data
+
+
+def reference_latency(task: Task, target: TargetSpec) -> dict[str, Any] | None:
+    """The uncompressed model under ONNX Runtime fp32: how good our compiled latency is."""
+    from search.export import ort_session_bytes
+    from search.measure import time_onnxruntime
+
+    if target.reach != "local":
+        return None
+    ms = time_onnxruntime(ort_session_bytes(task.model, task.example), task.example,
+                          target.measurement)
+    return {"uncompressed_onnxruntime_fp32_ms": ms,
+            "source": "measured:host:onnxruntime-cpu-1-thread"}

@@ -55,7 +55,7 @@ def latency_source(target: str, tuned: int, tasks: int) -> str:
 
 
 class Evaluator:
-    """Turns a policy into a measured candidate: build -> fine-tune -> quantize -> compile -> time."""
+    """A policy -> a measured candidate: build, fine-tune, quantize, compile, check, time."""
 
     def __init__(self, task: Task, target: TargetSpec, compiler: Compiler,
                  config: SearchConfig) -> None:
@@ -171,7 +171,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         policy.save(trial_dir / "policy.yaml")
         trial.set_user_attr("uncompressed", all(lp.is_identity for lp in policy.layers.values()))
         result, model = evaluator(policy, progress)
-        torch.save(model.state_dict(), trial_dir / "model.pt")
+        if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
+            torch.save(model.state_dict(), trial_dir / "model.pt")
         attrs = {
             "accuracy": result.accuracy,
             "latency_ms": result.latency.median_ms,
