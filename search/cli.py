@@ -18,6 +18,8 @@ examples:
   search run --out runs/host-5ms --resume        # continue an interrupted run
   search front runs/host-5ms                     # print the Pareto front again
   search export runs/host-5ms 7                  # ONNX + TVM library + policy of trial 7
+  search run --target raspberry-pi --rpc 192.168.1.20:9090 --budget 20ms
+  search run --target raspberry-pi --tracker 10.0.0.2:9190 --key rpi4b
   search targets                                 # devices this checkout knows
   optuna-dashboard sqlite:///runs/host-5ms/study.db   # browse every trial
 """
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path,
                      help="run folder [default: runs/TARGET-BUDGET]")
     run.add_argument("--seed", type=int, help="sampler and fine-tune seed [default: 0]")
+    run.add_argument("--rpc", metavar="HOST:PORT",
+                     help="time on the TVM RPC server there (overrides the target file)")
+    run.add_argument("--tracker", metavar="HOST:PORT",
+                     help="time on a device from a TVM RPC tracker's pool (with --key)")
+    run.add_argument("--key", help="the tracker key of the device pool")
     run.add_argument("--resume", action="store_true",
                      help="continue the study in --out; its finished trials are kept")
 
@@ -75,9 +82,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise UserError("--resume needs --out RUN_FOLDER (the folder of the run to continue)")
     out = args.out or Path("runs") / f"{Path(args.target).stem}-{args.budget.strip()}"
+    device = {k: v for k, v in (("rpc", args.rpc), ("tracker", args.tracker),
+                                ("key", args.key)) if v}
     if args.resume:  # target, budget and config come from the run folder
         info = RunInfo.load(out)
         target_name, budget_ms, config = info.target, info.budget_ms, info.config
+        device = device or info.device
     else:
         target_name, budget_ms = args.target, parse_duration_ms(args.budget)
         config = SearchConfig.load(args.config)
@@ -87,7 +97,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.timeout = parse_timeout_s(args.timeout)
     if args.seed is not None:
         config.seed = args.seed
-    target, info = prepare(target_name, budget_ms, config, out, resume=args.resume)
+    target, info = prepare(target_name, budget_ms, config, out, resume=args.resume,
+                           device=device)
     try:
         data = search(out, target, info, args.resume)
     except KeyboardInterrupt:
@@ -132,7 +143,8 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
     for name in available():
         t = load_target(name)
-        print(f"{name:<16} {t.reach:<8} {t.threads} thread(s)  {t.description}")
+        reach = "needs --rpc or --tracker" if t.cross_compiler and t.device().local else t.reach
+        print(f"{name:<16} {reach:<32} {t.description}")
     return 0
 
 

@@ -99,6 +99,7 @@ class Compiler:
         from tvm.s_tir import meta_schedule as ms
 
         self.spec = target
+        self.device = target.device()
         self.target = target.tvm()
         self.trials_per_task = trials_per_task
         self.seed = seed
@@ -119,13 +120,26 @@ class Compiler:
 
         if self._builder is None:
             m = self.spec.measurement
-            self._builder = _persistent_builder()
-            self._runner = ms.runner.LocalRunner(
-                timeout_sec=60,
-                evaluator_config=ms.runner.EvaluatorConfig(
-                    number=3, repeat=1, min_repeat_ms=min(m.min_repeat_ms, 20),
-                    enable_cpu_cache_flush=False))
+            evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                  min_repeat_ms=min(m.min_repeat_ms, 20),
+                                                  enable_cpu_cache_flush=False)
+            self._builder = _persistent_builder(self.device.cross_compiler)
+            if self.device.local:
+                self._runner = ms.runner.LocalRunner(timeout_sec=60,
+                                                     evaluator_config=evaluator)
+            else:  # candidates are timed on the device, through the tracker's queue
+                host, port = self.device.tracker.rsplit(":", 1)
+                self._runner = ms.runner.RPCRunner(
+                    rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
+                                                   tracker_key=self.device.key,
+                                                   session_timeout_sec=120),
+                    evaluator_config=evaluator, max_workers=1)
         return self._builder, self._runner
+
+    @property
+    def can_tune(self) -> bool:
+        """MetaSchedule times on a device only through a tracker (its RPCRunner needs one)."""
+        return self.trials_per_task > 0 and (self.device.local or bool(self.device.tracker))
 
     def _has_record(self, task: Any) -> bool:
         mod = task.dispatched[0]
@@ -162,7 +176,7 @@ class Compiler:
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
             start = time.perf_counter()
-            if missing and self.trials_per_task > 0:
+            if missing and self.can_tune:
                 if progress is not None:
                     progress.reset(total=len(missing) * self.trials_per_task)
                     progress.set_description(f"tuning {len(missing)} new kernels")
@@ -177,8 +191,8 @@ class Compiler:
             raise TrialFailed(f"TVM compile failed: {type(exc).__name__}: "
                               f"{msg[-1] if msg else ''}") from exc
         self.tuning_s_total += tuning_s
-        self.tasks_tuned_total += len(missing) if self.trials_per_task > 0 else 0
-        new = len(missing) if self.trials_per_task > 0 else 0
+        new = len(missing) if self.can_tune else 0
+        self.tasks_tuned_total += new
         return Compiled(ex, len(tasks), tuned, new, tuning_s)
 
 
@@ -196,7 +210,23 @@ def _progress_callback(bar: Any) -> Any:
     return _Progress()
 
 
-def _persistent_builder(recycle_after: int = 25) -> Any:
+def _export_shared(cross_compiler: str | None) -> Any:
+    """Builder export: a shared library, cross-compiled for a device (the device needs no gcc)."""
+
+    def export(mod: Any) -> str:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        if cross_compiler:
+            mod.export_library(path, cc=cross_compiler)
+        else:
+            mod.export_library(path)
+        return path
+
+    return export
+
+
+def _persistent_builder(cross_compiler: str | None, recycle_after: int = 25) -> Any:
     """MetaSchedule's LocalBuilder, but its worker process is kept between batches.
 
     NOTE: LocalBuilder starts a new process per batch (against a worker memory leak); that costs
@@ -207,6 +237,8 @@ def _persistent_builder(recycle_after: int = 25) -> Any:
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder import local_builder as lb
     from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    export = _export_shared(cross_compiler)
 
     @derived_object
     class _Builder(PyBuilder):
@@ -223,7 +255,7 @@ def _persistent_builder(recycle_after: int = 25) -> Any:
                                               initializer=light_tensor_intrinsics)
                 self.uses = 0
             self.uses += 1
-            args = [(None, None, b.mod, b.target, lb._serialize_params(b.params))
+            args = [(None, export, b.mod, b.target, lb._serialize_params(b.params))
                     for b in build_inputs]
             results = []
             for r in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):

@@ -63,12 +63,11 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
 
     from search.compile import Compiler, to_relax
     from search.run import RunInfo, setup_threads, tuning_dir
-    from search.target import load_target
     from search.task import load_task
 
     info = RunInfo.load(run_dir)
     trial_dir = run_dir / "trials" / f"{trial:04d}"
-    target = load_target(info.target)
+    target = info.load_target()
     setup_threads(target)
     task = load_task(info.config.task, **info.config.task_args)
     model, policy = load_trial_model(run_dir, trial, task)
@@ -82,7 +81,10 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     compiler = Compiler(target, tuning_dir(target), trials_per_task=0)  # reuse tuned kernels
     compiled = compiler.compile(to_relax(model, task.example))
     lib = out / f"model_{target.name}.so"
-    compiled.executable.export_library(str(lib))
+    if target.cross_compiler:
+        compiled.executable.export_library(str(lib), cc=target.cross_compiler)
+    else:
+        compiled.executable.export_library(str(lib))
     shutil.copy(trial_dir / "policy.yaml", out / "policy.yaml")
     return Exported(onnx_path, err, lib, out / "policy.yaml")
 

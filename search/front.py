@@ -76,6 +76,7 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
         "baseline": None if base is None else {
             "trial": base.trial, "accuracy": base.accuracy, "latency_ms": base.latency_ms,
             "latency_source": base.latency_source, "size_bytes": base.size_bytes},
+        "emulated": any(p.latency_source.startswith("emulated") for p in points),
         "points": [asdict(p) for p in front],
         "trials": {"complete": len(points), "failed": failures_of(study)},
     }
@@ -128,7 +129,9 @@ def plot(run_dir: Path, points: list[Point], front: list[Point], budget_ms: floa
     ax.set_xscale("log")
     ax.set_xlabel(f"latency, ms (median; {', '.join(sources)})")
     ax.set_ylabel("accuracy, %")
-    ax.set_title(f"Pareto front on {target} (marker area ~ stored size)")
+    emulated = any(p.latency_source.startswith("emulated") for p in points)
+    ax.set_title(f"Pareto front on {target} (marker area ~ stored size)"
+                 + ("\nEMULATED latency: not the device's" if emulated else ""))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(run_dir / "pareto.png", dpi=120)
@@ -172,6 +175,9 @@ def table(data: dict) -> str:
     base = data.get("baseline")
     lines = [f"Pareto front on {data['target']} (budget {data['budget_ms']:g} ms); "
              f"{data['trials']['complete']} complete, {len(data['trials']['failed'])} failed"]
+    if data.get("emulated"):
+        lines.append("EMULATED: latencies were timed under emulation, not on the device; "
+                     "they rank candidates, they are not the device's latency")
     header = f"{'trial':>5} {'ok':>2} {'acc %':>6} {'lat ms':>8} {'(IQR)':>13} {'speedup':>7} " \
              f"{'size':>10} {'smaller':>7}  {'latency source':<22} policy"
     lines += [header, "-" * len(header)]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from search.device import Device
 from search.errors import TrialFailed
 from search.target import Measurement
 
@@ -22,21 +23,60 @@ class Latency:
     p25_ms: float
     p75_ms: float
     repeats: int
+    emulated_by: str | None = None  # e.g. "qemu-aarch64": NOT the device's real latency
 
 
 def run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor,
-                 settings: Measurement, atol: float = 1e-3, rtol: float = 1e-2) -> Latency:
-    """Run once and compare with `reference` (PyTorch's output), then time with the evaluator."""
+                 settings: Measurement, device: Device | None = None, atol: float = 1e-3,
+                 rtol: float = 1e-2) -> Latency:
+    """Run once and compare with `reference` (PyTorch's output), then time with the evaluator.
+
+    On a device over RPC, a dropped session is retried once on a fresh one; a second failure
+    fails the trial with its reason (never the study).
+    """
+    device = device or Device()
+    if device.local:
+        return _run_and_time(executable, example, reference, settings, None, device, atol, rtol)
+    for attempt in (1, 2):
+        try:
+            session = device.session()
+            return _run_and_time(executable, example, reference, settings, session, device,
+                                 atol, rtol)
+        except TrialFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a device drop: one retry, then a failed trial
+            if attempt == 2:
+                raise TrialFailed(f"device {device.describe()} failed twice: "
+                                  f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor,
+                  settings: Measurement, session: Any, device: Device, atol: float,
+                  rtol: float) -> Latency:
     import tvm
     from tvm import relax
 
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(executable, dev)
+    if session is None:
+        dev, module = tvm.cpu(), executable
+        emulation = None
+    else:
+        dev, module = session.cpu(), device.load(session, executable)
+        emulation = device.emulation(session)
+    vm = relax.VirtualMachine(module, dev)
     x = tvm.runtime.tensor(example.numpy(), dev)
     try:
         out = vm["main"](x).numpy()
     except Exception as exc:  # noqa: BLE001
-        raise TrialFailed(f"compiled model failed to run: {type(exc).__name__}: {exc}") from exc
+        if session is not None:
+            raise  # maybe the device dropped: the caller retries
+        raise TrialFailed(f"compiled model failed to run: {type(exc).__name__}: "
+                          f"{_first_line(exc)}") from exc
     ref = reference.detach().float().numpy()
     if out.shape != ref.shape or not np.allclose(out, ref, atol=atol, rtol=rtol):
         err = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("nan")
@@ -50,7 +90,7 @@ def run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor
         if settings.cooldown_ms:
             time.sleep(settings.cooldown_ms / 1e3)
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
-    return Latency(float(med), float(p25), float(p75), len(samples))
+    return Latency(float(med), float(p25), float(p75), len(samples), emulation)
 
 
 def time_onnxruntime(onnx_bytes: bytes, example: torch.Tensor, settings: Measurement) -> float:

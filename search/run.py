@@ -31,10 +31,14 @@ class RunInfo:
     target: str
     budget_ms: float
     config: SearchConfig
+    device: dict[str, str | None] = dataclasses.field(default_factory=dict)  # --rpc etc.
+
+    def load_target(self) -> TargetSpec:
+        return load_target(self.target).with_device(**self.device)
 
     def save(self, run_dir: Path) -> None:
         data = {"target": self.target, "budget_ms": self.budget_ms,
-                "config": dataclasses.asdict(self.config)}
+                "config": dataclasses.asdict(self.config), "device": self.device}
         (run_dir / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
@@ -44,7 +48,8 @@ class RunInfo:
             raise UserError(f"{str(run_dir)!r} is not a run folder (no run.yaml); "
                             f"pass the --out folder of a `search run`")
         data = yaml.safe_load(path.read_text())
-        return cls(data["target"], float(data["budget_ms"]), SearchConfig(**data["config"]))
+        return cls(data["target"], float(data["budget_ms"]), SearchConfig(**data["config"]),
+                   data.get("device") or {})
 
 
 def setup_threads(target: TargetSpec) -> None:
@@ -54,7 +59,7 @@ def setup_threads(target: TargetSpec) -> None:
 
 
 def tuning_dir(target: TargetSpec) -> Path:
-    return cache_dir() / "tuning" / target.key()
+    return cache_dir() / "tuning" / target.db_key()
 
 
 def check_out_dir(run_dir: Path, resume: bool) -> None:
@@ -77,14 +82,16 @@ def check_out_dir(run_dir: Path, resume: bool) -> None:
 
 
 def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: Path,
-            resume: bool) -> tuple[TargetSpec, RunInfo]:
+            resume: bool, device: dict[str, str | None] | None = None
+            ) -> tuple[TargetSpec, RunInfo]:
     """All the checks that need no work: a bad input stops here with one line."""
-    target = load_target(target_name)
+    info = RunInfo(target_name, budget_ms, config, device or {})
+    target = info.load_target()
+    target.check()  # a device target: the device answers, before anything is trained
     resolve_entry_point(config.task)
     if config.trials < 1:
         raise UserError(f"trials must be at least 1, got {config.trials}")
     check_out_dir(run_dir, resume)
-    info = RunInfo(target_name, budget_ms, config)
     info.save(run_dir)
     return target, info
 

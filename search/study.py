@@ -47,11 +47,13 @@ class TrialResult:
     new_kernels: int
 
 
-def latency_source(target: str, tuned: int, tasks: int) -> str:
-    """How a latency figure was made: always measured; which kernels were tuned."""
+def latency_source(target: str, tuned: int, tasks: int, emulated_by: str | None = None) -> str:
+    """How a latency figure was made: measured (or emulated: never the device's figure), on
+    which target, and whether its kernels were tuned."""
     kind = "tuned" if tuned == tasks else ("untuned" if tuned == 0 else
                                           f"partly-tuned({tuned}/{tasks})")
-    return f"measured:{target}:{kind}"
+    how = f"emulated({emulated_by})" if emulated_by else "measured"
+    return f"{how}:{target}:{kind}"
 
 
 class Evaluator:
@@ -85,8 +87,10 @@ class Evaluator:
         compile_s = time.perf_counter() - start
         half = any(lp.bits == 16 for lp in policy.layers.values())
         latency = run_and_time(compiled.executable, task.example, reference,
-                               self.target.measurement, atol=5e-2 if half else 1e-3)
-        source = latency_source(self.target.name, compiled.tuned, compiled.tasks)
+                               self.target.measurement, self.target.device(),
+                               atol=5e-2 if half else 1e-3)
+        source = latency_source(self.target.name, compiled.tuned, compiled.tasks,
+                                latency.emulated_by)
         return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
                            compiled.tuning_s, compiled.new_tasks), model
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from search.device import SERVER_HINT, Device
 from search.errors import UserError
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
@@ -33,8 +34,35 @@ class TargetSpec:
     description: str
     tvm_target: Any  # a TVM tag string, or the JSON-dict form
     threads: int = 1
-    reach: str = "local"  # how the device is reached; only "local" in this release
+    cross_compiler: str | None = None  # for a device of another architecture
+    rpc: str | None = None  # HOST:PORT of the device's `python -m tvm.exec.rpc_server`
+    tracker: str | None = None  # HOST:PORT of a TVM RPC tracker (a pool of devices) ...
+    key: str | None = None  # ... and the key its devices registered with
     measurement: Measurement = field(default_factory=Measurement)
+
+    def device(self) -> Device:
+        return Device(self.rpc, self.tracker, self.key, self.cross_compiler)
+
+    @property
+    def reach(self) -> str:
+        return self.device().describe()
+
+    def with_device(self, rpc: str | None = None, tracker: str | None = None,
+                    key: str | None = None) -> TargetSpec:
+        """Command-line --rpc / --tracker --key override the file."""
+        if rpc:
+            return replace(self, rpc=rpc, tracker=None)
+        if tracker:
+            return replace(self, rpc=None, tracker=tracker, key=key or self.key)
+        return self
+
+    def check(self) -> None:
+        """A cross-compiled target cannot run here: it needs a device, and the device answers."""
+        dev = self.device()
+        if self.cross_compiler and dev.local:
+            raise UserError(f"target {self.name!r} runs on a device: pass --rpc HOST:PORT or "
+                            f"--tracker HOST:PORT --key KEY (on the device: {SERVER_HINT})")
+        dev.check_reachable(self.name)
 
     def tvm(self) -> Any:
         """The tvm.target.Target; `mcpu: host` means this machine's CPU."""
@@ -48,7 +76,7 @@ class TargetSpec:
             spec.setdefault("num-cores", self.threads)
         return tvm.target.Target(spec)
 
-    def key(self) -> str:
+    def db_key(self) -> str:
         """A stable id of the compiled-for target: the tuning database is kept per key."""
         text = json.dumps(str(self.tvm()), sort_keys=True)
         return f"{self.name}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
@@ -73,7 +101,4 @@ def load_target(name_or_path: str) -> TargetSpec:
         spec = TargetSpec(measurement=measurement, **data)
     except (TypeError, yaml.YAMLError) as exc:
         raise UserError(f"target file {path}: {exc}") from None
-    if spec.reach != "local":
-        raise UserError(f"target {spec.name!r} is reached by {spec.reach!r}; this release "
-                        f"measures on this machine only (reach: local)")
     return spec

@@ -3,8 +3,9 @@
 Runs under ``qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11`` (``pi_emulator.py serve``
 starts it). ``python -m tvm.exec.rpc_server`` cannot be used there: it starts its server in a
 ``sys.executable`` popen worker, and the x86 kernel cannot exec an aarch64 binary without
-binfmt_misc. TVM's own ``PopenRPCServerState`` (what that worker runs) is started here directly
-instead; it forks one child per session, and a fork stays inside QEMU.
+binfmt_misc. TVM's own server loop, what that worker runs, is started here directly
+instead: its listen loop (``tvm.rpc.server._listen_loop``) forks one child per session, and
+a fork stays inside QEMU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import argparse
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from types import FrameType
 
@@ -28,10 +31,28 @@ EMULATED_TAG = "qemu-aarch64"
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
-    """End the sessions too: the listen thread is not a daemon and would keep us alive."""
+    """End the forked sessions too, not only this process."""
     for child in multiprocessing.active_children():
         child.terminate()
     os._exit(0)
+
+
+def _listen_forever(
+    sock: socket.socket, port: int, key: str, tracker: tuple[str, int] | None
+) -> None:
+    """TVM's accept/fork loop, restarted when a session's child dies (e.g. a crashing library).
+
+    ``_serving`` raises on a non-zero session exit without returning to its old cwd (a
+    session temp dir that is then deleted), which would end the server or break the next session.
+    """
+    home = os.getcwd()
+    while True:
+        try:
+            rpc_server._listen_loop(sock, port, key, tracker, None, None)
+        except Exception as err:  # noqa: BLE001 - one bad session must not stop the device
+            rpc_server.logger.warning("session failed (%s); still serving", err)
+            os.chdir(home)
+            time.sleep(0.5)
 
 
 def _wait_registered(tracker: tuple[str, int], key: str, timeout_s: float) -> None:
@@ -68,16 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    state = rpc_server.PopenRPCServerState(
-        args.host, args.port, args.port + 1, tracker_addr=tracker, key=args.key,
-        silent=args.silent,
+    if args.silent:
+        rpc_server.logger.setLevel("ERROR")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(1)
+    listener = threading.Thread(
+        target=_listen_forever, args=(sock, args.port, args.key, tracker), daemon=True
     )
+    listener.start()
     if tracker is not None:
         _wait_registered(tracker, args.key, timeout_s=60.0)
     suffix = f" (tracker {args.tracker}, key {args.key})" if tracker else ""
-    print(f"pi-emulator: serving on {args.host}:{state.port}{suffix}", flush=True)
-    while True:  # signals are handled in the main thread only
-        signal.pause()
+    print(f"pi-emulator: serving on {args.host}:{args.port}{suffix}", flush=True)
+    # Poll rather than signal.pause(): under QEMU a signal can land on the listener thread,
+    # and pause() in this thread then never returns (stopping took a 10 s SIGKILL).
+    while listener.is_alive():
+        listener.join(0.5)
+    return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ measure QEMU on this host, not a Pi.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -48,12 +50,19 @@ WHEELS = (
 PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{n}_aarch64" for n in range(17, 37)]
 # Unused by the RPC server: the 240 MB compiler library (runtime-only mode,
 # TVM_USE_RUNTIME_LIB=1), the downloaded debs and documentation.
-PRUNE = (f"{SITE}/tvm/lib/libtvm_compiler.so", "var/cache/apt/archives", "usr/share/doc",
-         "usr/share/man", "usr/share/locale", "usr/share/info")
+PRUNE = (
+    f"{SITE}/tvm/lib/libtvm_compiler.so",
+    "var/cache/apt/archives",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/locale",
+    "usr/share/info",
+)
 MARKER = ".search-pi-root.json"
 SPEC = {"release": RELEASE, "wheels": list(WHEELS), "version": 1}
 QEMU = "qemu-aarch64-static"
 QEMU_CPU = "cortex-a72"  # the Pi 4's core: an instruction it lacks faults here too
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def log(msg: str) -> None:
@@ -77,7 +86,8 @@ def require_root(why: str) -> None:
 def missing_host_packages() -> list[str]:
     out = subprocess.run(
         ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *HOST_PACKAGES],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout
     installed = {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
     return [p for p in HOST_PACKAGES if p not in installed]
@@ -125,9 +135,25 @@ def extract_base(root: Path) -> None:
 def install_wheels(root: Path) -> None:
     """Install the aarch64 cp311 wheels from the x86 side: pip runs fine for another platform."""
     platforms = [arg for plat in PLATFORMS for arg in ("--platform", plat)]
-    run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
-         "--target", str(root / SITE), "--only-binary=:all:", "--python-version", "3.11",
-         "--implementation", "cp", *platforms, *WHEELS])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-compile",
+            "--target",
+            str(root / SITE),
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            *platforms,
+            *WHEELS,
+        ]
+    )
 
 
 def qemu_python(root: Path, *args: str) -> list[str]:
@@ -146,8 +172,19 @@ def build_root(root: Path) -> None:
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     log(f"debootstrap {RELEASE} arm64 into {partial}")
-    run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3.11",
-         RELEASE, str(partial), MIRROR], stdout=subprocess.DEVNULL)
+    run(
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--foreign",
+            "--variant=minbase",
+            "--include=python3.11",
+            RELEASE,
+            str(partial),
+            MIRROR,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     extract_base(partial)
     log("installing aarch64 wheels")
     install_wheels(partial)
@@ -158,8 +195,13 @@ def build_root(root: Path) -> None:
         else:
             path.unlink(missing_ok=True)
     probe = "import tvm, tvm_ffi, numpy; print(tvm.__version__, tvm_ffi.__version__)"
-    out = subprocess.run(qemu_python(partial, "-c", probe), env=qemu_env(), check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        qemu_python(partial, "-c", probe),
+        env=qemu_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     log(f"arm64 python imports tvm {out}")
     (partial / MARKER).write_text(json.dumps(SPEC))
     shutil.rmtree(root, ignore_errors=True)
@@ -177,27 +219,36 @@ def setup(root: Path) -> Path:
     return root
 
 
+def _die_with_parent() -> None:
+    """Have the kernel SIGTERM the emulator if this script dies uncleanly (Popen.kill())."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def serve(root: Path, host: str, port: int, tracker: str | None, key: str) -> int:
     """Run the aarch64 server in the foreground; SIGTERM/SIGINT end its whole process group."""
     setup(root)
     cmd = qemu_python(root, str(ARM_SERVER), "--host", host, "--port", str(port))
     if tracker:
         cmd += ["--tracker", tracker, "--key", key]
-    child = subprocess.Popen(cmd, env=qemu_env(), start_new_session=True)
+    child = subprocess.Popen(
+        cmd, env=qemu_env(), start_new_session=True, preexec_fn=_die_with_parent
+    )
+    stopped: list[tuple[int, float]] = []  # (signal, when)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        try:
+        # Only signal here: a Popen.wait() inside a handler deadlocks on the interrupted one's lock.
+        stopped.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGTERM)
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return child.wait()
+    while child.poll() is None:
+        time.sleep(0.1)
+        if stopped and time.monotonic() > stopped[0][1] + 10:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+    return 128 + stopped[0][0] if stopped else child.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
