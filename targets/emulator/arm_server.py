@@ -11,6 +11,7 @@ a fork stays inside QEMU.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -22,12 +23,22 @@ from types import FrameType
 
 os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # the compiler library is deleted from the root
 
+import tvm  # noqa: E402
 import tvm_ffi  # noqa: E402
 from tvm import rpc  # noqa: E402
 from tvm.rpc import server as rpc_server  # noqa: E402
 
 EMULATED_FUNC = "search.emulated"
 EMULATED_TAG = "qemu-aarch64"
+
+
+def _load_runtime_extra() -> None:
+    """Load what runtime-only mode skips: tvm.contrib.random (MetaSchedule's RPCRunner fills
+    its inputs with ``random_fill_for_measure``) and tvm.contrib.sort live in this library."""
+    ctypes.CDLL(  # ctypes never unloads it, so its functions stay registered
+        os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_extra.so"),
+        ctypes.RTLD_LOCAL,
+    )
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.key:
             parser.error("--tracker needs --key")
 
-    # Registered before serving: each session's child is forked from here and inherits it.
+    # Loaded and registered before serving: each session's child is forked from here.
+    _load_runtime_extra()
     tvm_ffi.register_global_func(EMULATED_FUNC, lambda: EMULATED_TAG)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -61,7 +61,7 @@ PRUNE = (
 MARKER = ".search-pi-root.json"
 SPEC = {"release": RELEASE, "wheels": list(WHEELS), "version": 1}
 QEMU = "qemu-aarch64-static"
-QEMU_CPU = "cortex-a72"  # the Pi 4's core: an instruction it lacks faults here too
+QEMU_CPU = "cortex-a72"  # the Pi 4's core: an instruction it lacks faults here too (Pi 5: a76)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -156,8 +156,8 @@ def install_wheels(root: Path) -> None:
     )
 
 
-def qemu_python(root: Path, *args: str) -> list[str]:
-    return [QEMU, "-cpu", QEMU_CPU, "-L", str(root), str(root / PYTHON), "-I", *args]
+def qemu_python(root: Path, *args: str, cpu: str = QEMU_CPU) -> list[str]:
+    return [QEMU, "-cpu", cpu, "-L", str(root), str(root / PYTHON), "-I", *args]
 
 
 def qemu_env() -> dict[str, str]:
@@ -224,10 +224,10 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve(root: Path, host: str, port: int, tracker: str | None, key: str) -> int:
+def serve(root: Path, host: str, port: int, tracker: str | None, key: str, cpu: str) -> int:
     """Run the aarch64 server in the foreground; SIGTERM/SIGINT end its whole process group."""
     setup(root)
-    cmd = qemu_python(root, str(ARM_SERVER), "--host", host, "--port", str(port))
+    cmd = qemu_python(root, str(ARM_SERVER), "--host", host, "--port", str(port), cpu=cpu)
     if tracker:
         cmd += ["--tracker", tracker, "--key", key]
     child = subprocess.Popen(
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, required=True)
     p_serve.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
     p_serve.add_argument("--key", default="", help="device key registered with the tracker")
+    p_serve.add_argument(
+        "--cpu", default=QEMU_CPU, help="QEMU CPU model (cortex-a76 for a Pi 5, max for all)"
+    )
     args = parser.parse_args(argv)
     if args.command == "setup":
         start = time.monotonic()
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tracker and not args.key:
         parser.error("--tracker needs --key")
-    return serve(args.root.resolve(), args.host, args.port, args.tracker, args.key)
+    return serve(args.root.resolve(), args.host, args.port, args.tracker, args.key, args.cpu)
 
 
 if __name__ == "__main__":
