@@ -44,7 +44,8 @@ class TrialResult:
     finetune_s: float
     compile_s: float
     tuning_s: float
-    new_kernels: int
+    kernels: int  # tunable kernels in the compiled graph
+    new_kernels: int  # of which were tuned for this trial (the rest came from the database)
 
 
 def latency_source(target: str, tuned: int, tasks: int, emulated_by: str | None = None) -> str:
@@ -92,7 +93,7 @@ class Evaluator:
         source = latency_source(self.target.name, compiled.tuned, compiled.tasks,
                                 latency.emulated_by)
         return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
-                           compiled.tuning_s, compiled.new_tasks), model
+                           compiled.tuning_s, compiled.tasks, compiled.new_tasks), model
 
 
 def suggest_policy(trial: optuna.Trial, space: list[LayerSpace]) -> Policy:
@@ -190,6 +191,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "finetune_s": round(result.finetune_s, 2),
             "compile_s": round(result.compile_s, 2),
             "tuning_s": round(result.tuning_s, 2),
+            "kernels": result.kernels,
             "new_kernels": result.new_kernels,
         }
         for key, value in attrs.items():
