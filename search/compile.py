@@ -228,12 +228,15 @@ def _export_shared(cross_compiler: str | None) -> Any:
     return export
 
 
-def _persistent_builder(cross_compiler: str | None, recycle_after: int = 25) -> Any:
+def _persistent_builder(cross_compiler: str | None, recycle_after: int = 25,
+                        build_timeout_s: float = 30) -> Any:
     """MetaSchedule's LocalBuilder, but its worker process is kept between batches.
 
     NOTE: LocalBuilder starts a new process per batch (against a worker memory leak); that costs
     ~3 s of Python + TVM import per tuned kernel here, more than building the candidates. We keep
-    one worker and recycle it every `recycle_after` batches instead.
+    one worker and recycle it every `recycle_after` batches instead. A candidate whose build
+    takes over `build_timeout_s` (heavily unrolled code: LLVM can take minutes) is dropped, so
+    it never becomes the record every later compile pays for.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -253,7 +256,7 @@ def _persistent_builder(cross_compiler: str | None, recycle_after: int = 25) -> 
             if self.pool is None or self.uses >= recycle_after:
                 if self.pool is not None:
                     self.pool.shutdown()
-                self.pool = PopenPoolExecutor(max_workers=1, timeout=120,
+                self.pool = PopenPoolExecutor(max_workers=1, timeout=build_timeout_s,
                                               initializer=light_tensor_intrinsics)
                 self.uses = 0
             self.uses += 1

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.silent:
         rpc_server.logger.setLevel("ERROR")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(rpc.base.get_addr_family((args.host, args.port)), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(1)
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         _wait_registered(tracker, args.key, timeout_s=60.0)
     suffix = f" (tracker {args.tracker}, key {args.key})" if tracker else ""
     print(f"pi-emulator: serving on {args.host}:{args.port}{suffix}", flush=True)
-    # Poll rather than signal.pause(): under QEMU a signal can land on the listener thread,
-    # and pause() in this thread then never returns (stopping took a 10 s SIGKILL).
+    # Poll rather than signal.pause(): should the listener thread ever die, exit (non-zero)
+    # instead of leaving a server that accepts nothing.
     while listener.is_alive():
         listener.join(0.5)
     return 1
