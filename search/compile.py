@@ -94,7 +94,8 @@ class Compiler:
     """Compiles Relax modules for one target, tuning new workloads into its database."""
 
     def __init__(self, target: TargetSpec, db_dir: Path, trials_per_task: int,
-                 log_dir: Path | None = None, seed: int = 0) -> None:
+                 log_dir: Path | None = None, seed: int = 0,
+                 budget_s: float | None = None) -> None:
         light_tensor_intrinsics()
         from tvm.s_tir import meta_schedule as ms
 
@@ -102,6 +103,7 @@ class Compiler:
         self.device = target.device()
         self.target = target.tvm()
         self.trials_per_task = trials_per_task
+        self.budget_s = budget_s
         self.seed = seed
         db_dir.mkdir(parents=True, exist_ok=True)
         self.db_dir = db_dir
@@ -138,8 +140,11 @@ class Compiler:
 
     @property
     def can_tune(self) -> bool:
-        """MetaSchedule times on a device only through a tracker (its RPCRunner needs one)."""
-        return self.trials_per_task > 0 and (self.device.local or bool(self.device.tracker))
+        """Tuning is on, the run's tuning budget is not spent, and candidates can be timed:
+        MetaSchedule times on a device only through a tracker (its RPCRunner needs one)."""
+        within_budget = self.budget_s is None or self.tuning_s_total < self.budget_s
+        return (self.trials_per_task > 0 and within_budget
+                and (self.device.local or bool(self.device.tracker)))
 
     def _has_record(self, task: Any) -> bool:
         mod = task.dispatched[0]
@@ -178,7 +183,8 @@ class Compiler:
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
             start = time.perf_counter()
-            if missing and self.can_tune:
+            tune_now = bool(missing) and self.can_tune
+            if tune_now:
                 if progress is not None:
                     progress.reset(total=len(missing) * self.trials_per_task)
                     progress.set_description(f"tuning {len(missing)} new kernels")
@@ -193,7 +199,7 @@ class Compiler:
             raise TrialFailed(f"TVM compile failed: {type(exc).__name__}: "
                               f"{msg[-1] if msg else ''}") from exc
         self.tuning_s_total += tuning_s
-        new = len(missing) if self.can_tune else 0
+        new = len(missing) if tune_now else 0
         self.tasks_tuned_total += new
         return Compiled(ex, len(tasks), tuned, new, tuning_s)
 

@@ -25,6 +25,7 @@ class SearchConfig:
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
     tune_trials_per_task: int = 8  # MetaSchedule trials per new kernel; 0 = untuned (labelled)
+    tuning_budget_s: float | None = None  # per run: once spent, new kernels stay untuned
     seed: int = 0
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
     seeds: list[dict[str, float]] = field(default_factory=lambda: [

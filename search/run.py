@@ -106,7 +106,8 @@ def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     say(f"task {config.task}: loading (the default model trains once, then is cached) ...")
     task: Task = load_task(config.task, **config.task_args)
     compiler = Compiler(target, tuning_dir(target), config.tune_trials_per_task,
-                        log_dir=run_dir / "tuning-logs", seed=config.seed)
+                        log_dir=run_dir / "tuning-logs", seed=config.seed,
+                        budget_s=config.tuning_budget_s)
     say(f"task {task.name} ready in {time.perf_counter() - start:.0f} s; tuning database "
         f"{compiler.db_dir}")
     trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,

@@ -117,3 +117,11 @@ def test_tuning_records_are_reused_across_compiles(tiny_task, tmp_path):
 def test_latency_source_says_how_much_was_tuned():
     assert latency_source("pi", 0, 5) == "measured:pi:untuned"
     assert latency_source("pi", 3, 5) == "measured:pi:partly-tuned(3/5)"
+
+
+def test_a_spent_tuning_budget_compiles_untuned_and_says_so(tiny_task, tmp_path):
+    compiler = Compiler(load_target("host"), tmp_path / "db", trials_per_task=8, budget_s=0.0)
+    assert not compiler.can_tune
+    compiled = compiler.compile(to_relax(tiny_task.model, tiny_task.example))
+    assert compiled.new_tasks == 0 and compiled.tuned == 0
+    assert latency_source("host", compiled.tuned, compiled.tasks) == "measured:host:untuned"
