@@ -44,6 +44,19 @@ def start(args: list[str], port: int) -> subprocess.Popen:
     raise TimeoutError(args)
 
 
+def wait_registered(tracker_port: int, key: str, timeout_s: float = 120) -> None:
+    """Registration with the tracker is asynchronous: wait until the device is free there."""
+    from tvm import rpc
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        queue = rpc.connect_tracker("127.0.0.1", tracker_port).summary().get("queue_info", {})
+        if queue.get(key, {}).get("free", 0) > 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no server registered under {key!r}")
+
+
 def tuning_report(run_dir: Path) -> None:
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{run_dir / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -79,10 +92,11 @@ def main() -> None:
                     "--port-end", str(rpc_port + 1)], rpc_port)
     tracker = start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                      str(tracker_port), "--port-end", str(tracker_port + 1)], tracker_port)
-    pooled = start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
-                    str(free_port()), "--tracker", f"127.0.0.1:{tracker_port}", "--key",
-                    "bench"], tracker_port)
-    time.sleep(3)  # registration with the tracker is asynchronous
+    pooled_port = free_port()
+    pooled = start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(pooled_port),
+                    "--port-end", str(pooled_port + 1), "--tracker",
+                    f"127.0.0.1:{tracker_port}", "--key", "bench"], pooled_port)
+    wait_registered(tracker_port, "bench")
     rows = []
     try:
         m = target.measurement
