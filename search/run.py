@@ -19,7 +19,7 @@ from search.compile import Compiler
 from search.config import SearchConfig
 from search.errors import UserError
 from search.front import write_front
-from search.study import run_study
+from search.study import finished_count, open_study, run_study
 from search.target import TargetSpec, load_target
 from search.task import Task, cache_dir, load_task, resolve_entry_point
 
@@ -127,8 +127,6 @@ def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                 f"{top.user_attrs['latency_ms']:.2f} ms")
 
     try:
-        from search.study import finished_count, open_study
-
         if resume:
             trials_bar.update(finished_count(open_study(run_dir, config.seed, 1, create=False)))
         study = run_study(run_dir, task, target, compiler, info.budget_ms, config, resume,

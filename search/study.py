@@ -125,8 +125,9 @@ def fail_interrupted(study: optuna.Study) -> int:
     """Trials left RUNNING by a killed run are failed, so a resumed run does not count them."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # NOTE: Optuna has no public setter for a user attr of a trial it is not running
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         n += 1
     return n
 
