@@ -11,10 +11,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 from search.graph import channel_consumers
 from search.policy import Policy, factorized_rank, round_channels
+from search.storage import weight_bytes
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,9 @@ def restructure(model: nn.Module, policy: Policy, example: torch.Tensor) -> nn.M
     for name, lp in policy.layers.items():
         if lp.rank < 1.0:
             _set(model, name, factorize(model.get_submodule(name), lp.rank))
+        if lp.prune > 0.0:  # torch's pruning keeps the mask through the fine-tune
+            for m in _weights(model.get_submodule(name)):
+                torch.nn.utils.prune.l1_unstructured(m, "weight", amount=lp.prune)
     return model
 
 
@@ -155,6 +160,9 @@ def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
     fp32 because TVM 0.27's Relax has no int8-weight kernels reachable from torch.export, so it
     shows as a size win only. fp16 is real: the layer's weights and arithmetic are half.
     """
+    for m in _weights(model):  # unstructured pruning is final now: zeros become plain weights
+        if torch.nn.utils.prune.is_pruned(m):
+            torch.nn.utils.prune.remove(m, "weight")
     for name, lp in policy.layers.items():
         if lp.bits == 8:
             for m in _weights(model.get_submodule(name)):
@@ -200,8 +208,13 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
         for m in _weights(model.get_submodule(name)):
             for p in m.parameters():
                 counted.add(id(p))
-                bits = 32 if (lp.bits == 8 and p is not m.weight) else lp.bits  # int8: fp32 bias
-                size += p.numel() * bits // 8
+                if p is m.weight and lp.prune > 0:  # stored sparse when that is smaller
+                    index_bits = 8 if isinstance(m, nn.Conv2d) else 5  # Han et al.'s choice
+                    size += weight_bytes(p, lp.bits, index_bits)
+                elif p is m.weight:
+                    size += p.numel() * lp.bits // 8
+                else:
+                    size += p.numel() * (32 if lp.bits == 8 else lp.bits) // 8  # int8: fp32 bias
             if lp.bits == 8:
                 size += m.weight.shape[0] * 4  # one fp32 scale per output channel
     for p in list(model.parameters()) + list(model.buffers()):

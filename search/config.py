@@ -28,6 +28,8 @@ class SearchConfig:
     tuning_budget_s: float | None = None  # per run: once spent, new kernels stay untuned
     seed: int = 0
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
+    knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
+    # "prune" (unstructured magnitude pruning, stored sparse) is opt-in: no dense speedup
     seeds: list[dict[str, float]] = field(default_factory=lambda: [
         {},  # the uncompressed model: the baseline point
         {"rank": 0.125},
@@ -54,7 +56,14 @@ class SearchConfig:
         if unknown:
             raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(known))}")
-        return cls(**data)
+        config = cls(**data)
+        from search.policy import KNOBS
+
+        bad = sorted(set(config.knobs) - set(KNOBS))
+        if bad or not config.knobs:
+            raise UserError(f"config file {path}: knobs must be a non-empty list of "
+                            f"{', '.join(KNOBS)}; got {config.knobs}")
+        return config
 
 
 def parse_duration_ms(text: str) -> float:

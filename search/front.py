@@ -155,7 +155,7 @@ def _kib(n: int) -> str:
 
 
 def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
-    """Short per-layer text: r=rank ratio, s=sparsity, b=bits; unchanged layers omitted."""
+    """Short per-layer text: r=rank ratio, s=sparsity, b=bits, p=pruned; unchanged omitted."""
     parts = []
     for name, lp in policy.items():
         bits = []
@@ -165,6 +165,8 @@ def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
             bits.append(f"s{lp['sparsity']:g}")
         if lp["bits"] != 32:
             bits.append(f"b{lp['bits']}")
+        if lp.get("prune", 0) > 0:
+            bits.append(f"p{lp['prune']:g}")
         if bits:
             parts.append(f"{name}:{'/'.join(bits)}")
     return " ".join(parts) or "uncompressed"
@@ -200,5 +202,6 @@ def table(data: dict) -> str:
                      f"compiled {base['latency_ms']:.3f} ms ({ort_ms / base['latency_ms']:.2f}x "
                      f"ONNX Runtime's speed)")
     lines.append("ok: within the latency budget. Latency: median of timed repeats of the "
-                 "TVM-compiled model; size: stored weight bytes at the policy's precision.")
+                 "TVM-compiled model; size: stored weight bytes at the policy's precision (pruned "
+                 "weights: sparse + Huffman, Deep Compression style).")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from search.graph import channel_consumers
 RANK_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # kept fraction of min(in, out); 1.0 = not factorized
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # fraction of output channels removed
 BITS = (32, 16, 8)  # weight precision: fp32, fp16 (computed in fp16), int8 (per-channel scales)
+PRUNES = (0.0, 0.5, 0.75, 0.9)  # fraction of weights zeroed by magnitude (unstructured)
+KNOBS = ("rank", "sparsity", "bits", "prune")  # every knob a LayerPolicy has
 CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
 
 
@@ -34,6 +36,7 @@ class LayerPolicy:
     rank: float = 1.0  # kept fraction of full rank (1.0: layer kept whole)
     sparsity: float = 0.0  # fraction of output channels physically removed
     bits: int = 32  # weight precision
+    prune: float = 0.0  # fraction of weights zeroed by magnitude: stored sparse, computed dense
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rank <= 1.0:
@@ -42,6 +45,8 @@ class LayerPolicy:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if not 0.0 <= self.prune < 1.0:
+            raise ValueError(f"prune must be in [0, 1), got {self.prune}")
 
     @property
     def is_identity(self) -> bool:
@@ -91,6 +96,11 @@ class LayerSpace:
     ranks: tuple[float, ...]
     sparsities: tuple[float, ...]
     bits: tuple[int, ...]
+    prunes: tuple[float, ...] = PRUNES
+
+    def choices(self, knob: str) -> tuple:
+        return {"rank": self.ranks, "sparsity": self.sparsities, "bits": self.bits,
+                "prune": self.prunes}[knob]
 
 
 def factorized_rank(layer: nn.Module, ratio: float) -> int:
@@ -160,7 +170,7 @@ def derive_space(model: nn.Module, example: torch.Tensor) -> list[LayerSpace]:
 
 
 def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.0,
-            bits: int = 32) -> Policy:
+            bits: int = 32, prune: float = 0.0) -> Policy:
     """The same knob values on every layer, clipped to what each layer offers."""
 
     def nearest(options: tuple, want: float) -> float:
@@ -168,6 +178,6 @@ def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.
 
     return Policy({
         ls.name: LayerPolicy(nearest(ls.ranks, rank), nearest(ls.sparsities, sparsity),
-                             int(nearest(ls.bits, bits)))
+                             int(nearest(ls.bits, bits)), nearest(ls.prunes, prune))
         for ls in space
     })

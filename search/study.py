@@ -30,7 +30,6 @@ from search.task import Task
 
 STUDY_NAME = "search"
 DIRECTIONS = ["maximize", "minimize", "minimize"]  # accuracy, latency_ms, size_bytes
-KNOBS = ("rank", "sparsity", "bits")
 
 
 @dataclass(frozen=True)
@@ -96,19 +95,18 @@ class Evaluator:
                            compiled.tuning_s, compiled.tasks, compiled.new_tasks), model
 
 
-def suggest_policy(trial: optuna.Trial, space: list[LayerSpace]) -> Policy:
-    """One categorical parameter per layer and knob: `<layer>.<knob>`."""
+def suggest_policy(trial: optuna.Trial, space: list[LayerSpace], knobs: list[str]) -> Policy:
+    """One categorical parameter `<layer>.<knob>` per layer and searched knob; the others stay
+    at their identity value."""
     layers = {}
     for ls in space:
-        rank = trial.suggest_categorical(f"{ls.name}.rank", ls.ranks)
-        sparsity = trial.suggest_categorical(f"{ls.name}.sparsity", ls.sparsities)
-        bits = trial.suggest_categorical(f"{ls.name}.bits", ls.bits)
-        layers[ls.name] = LayerPolicy(float(rank), float(sparsity), int(bits))
+        values = {k: trial.suggest_categorical(f"{ls.name}.{k}", ls.choices(k)) for k in knobs}
+        layers[ls.name] = LayerPolicy(**values)
     return Policy(layers)
 
 
-def policy_params(policy: Policy) -> dict[str, Any]:
-    return {f"{name}.{k}": getattr(lp, k) for name, lp in policy.layers.items() for k in KNOBS}
+def policy_params(policy: Policy, knobs: list[str]) -> dict[str, Any]:
+    return {f"{name}.{k}": getattr(lp, k) for name, lp in policy.layers.items() for k in knobs}
 
 
 def open_study(run_dir: Path, seed: int, startup_trials: int, create: bool) -> optuna.Study:
@@ -149,14 +147,17 @@ def has_baseline(study: optuna.Study) -> bool:
                study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def enqueue_seeds(study: optuna.Study, space: list[LayerSpace], seeds: list[dict[str, float]],
+def enqueue_seeds(study: optuna.Study, space: list[LayerSpace], config: SearchConfig,
                   only_baseline: bool = False) -> None:
-    for seed in seeds[:1] if only_baseline else seeds:
-        study.enqueue_trial(policy_params(uniform(space, **seed)), skip_if_exists=True)
+    for seed in config.seeds[:1] if only_baseline else config.seeds:
+        study.enqueue_trial(policy_params(uniform(space, **seed), config.knobs),
+                            skip_if_exists=True)
 
 
 def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: float,
                       run_dir: Path, progress: Any | None) -> Callable[[optuna.Trial], tuple]:
+    knobs = evaluator.config.knobs
+
     def objective(trial: optuna.Trial) -> tuple[float, float, int]:
         try:
             return evaluate_trial(trial)
@@ -171,7 +172,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             raise
 
     def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
-        policy = suggest_policy(trial, space)
+        policy = suggest_policy(trial, space, knobs)
         trial_dir = run_dir / "trials" / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         policy.save(trial_dir / "policy.yaml")
@@ -217,9 +218,9 @@ def run_study(run_dir: Path, task: Task, target: TargetSpec, compiler: Compiler,
     if resume:
         fail_interrupted(study)
         if not has_baseline(study):
-            enqueue_seeds(study, space, config.seeds, only_baseline=True)
+            enqueue_seeds(study, space, config, only_baseline=True)
     else:
-        enqueue_seeds(study, space, config.seeds)
+        enqueue_seeds(study, space, config)
     remaining = config.trials - finished_count(study)
     if remaining <= 0:
         return study

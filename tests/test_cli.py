@@ -47,6 +47,14 @@ def test_a_config_entry_point_that_does_not_import(tmp_path, entry, expected):
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
 
 
+def test_unknown_knobs_fail_loudly(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("knobs: [rank, pixie-dust]\n")
+    result = search_cli("run", "--config", str(config), "--out", str(tmp_path / "r"))
+    assert result.returncode != 0 and "knobs must be a non-empty list of" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_config_keys_fail_loudly(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("trails: 5\n")

@@ -84,3 +84,19 @@ class Residual(nn.Module):
 def test_a_residual_add_makes_channels_unprunable():
     consumers = channel_consumers(Residual(), torch.zeros(1, 4, 8, 8))
     assert "a" in consumers and "b" not in consumers
+
+
+def test_magnitude_pruning_zeros_weights_survives_fine_tune_and_stores_sparse(tiny_task):
+    from search.compress import apply_precision
+    from search.finetune import distill, teacher_logits
+
+    policy = Policy({"fc1": LayerPolicy(prune=0.9), "conv2": LayerPolicy(prune=0.5)})
+    model = restructure(tiny_task.model, policy, tiny_task.example)
+    distill(model, teacher_logits(tiny_task.model, tiny_task.train[0]), tiny_task.train, 5)
+    model = apply_precision(model, policy)  # the masks become plain zeros here
+    assert "weight" in dict(model.fc1.named_parameters())  # no weight_orig/mask left
+    zeros = float((model.fc1.weight == 0).float().mean())
+    assert zeros >= 0.9 - 1e-3 and float((model.conv2.weight == 0).float().mean()) >= 0.5 - 1e-3
+    base = model_stats(tiny_task.model, Policy(), tiny_task.example)
+    pruned = model_stats(model, policy, tiny_task.example)
+    assert pruned.size_bytes < base.size_bytes and pruned.params == base.params  # stored sparse

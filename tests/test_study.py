@@ -142,3 +142,18 @@ def test_a_killed_run_resumes_and_keeps_its_finished_trials(tmp_path):
     assert all(after[n] == v for n, v in before.items())  # finished trials kept as they were
     assert len(after) == 5
     assert RunInfo.load(out).config.trials == 5
+
+
+def test_unstructured_pruning_is_opt_in_and_shows_as_size_not_latency(tmp_path):
+    data = run_tiny(tmp_path / "r", trials=2, knobs=["rank", "sparsity", "bits", "prune"],
+                    seeds=[{}, {"prune": 0.9}])
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
+    base, pruned = study.trials[0], study.trials[1]
+    assert all(v == 0.9 for k, v in pruned.params.items() if k.endswith(".prune"))
+    assert pruned.user_attrs["size_bytes"] < 0.5 * base.user_attrs["size_bytes"]
+    assert pruned.user_attrs["params"] == base.user_attrs["params"]  # still dense in the graph
+    assert data["trials"]["complete"] == 2
+    # the default space has no prune parameter at all
+    run_tiny(tmp_path / "d", trials=1)
+    d = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'd/study.db'}")
+    assert not any(k.endswith(".prune") for k in d.trials[0].params)

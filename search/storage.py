@@ -1,0 +1,69 @@
+"""Bytes a pruned weight really needs when stored sparse, as in Deep Compression (Han et al.).
+
+Non-zeros are stored with the gap to the previous non-zero (a relative index of `index_bits`);
+a gap too long for the index gets filler entries (a stored zero). Both streams are then Huffman
+coded. A layer takes the smaller of this and its dense size, as a deployment would.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def huffman_bits(symbols: np.ndarray) -> int:
+    """Total bits of the Huffman code of a symbol stream (code lengths from the frequencies)."""
+    counts = list(Counter(symbols.tolist()).values())
+    if len(counts) <= 1:
+        return len(symbols)  # one symbol still needs a bit each
+    heap = [(c, i, 0) for i, c in enumerate(counts)]  # (weight, tiebreak, bits so far)
+    heapq.heapify(heap)
+    total, tiebreak = 0, len(counts)
+    while len(heap) > 1:
+        a, _, _ = heapq.heappop(heap)
+        b, _, _ = heapq.heappop(heap)
+        total += a + b  # every symbol under a merge gets one more bit
+        heapq.heappush(heap, (a + b, tiebreak, 0))
+        tiebreak += 1
+    return total
+
+
+def relative_indices(flat_nonzero: np.ndarray, index_bits: int) -> tuple[np.ndarray, int]:
+    """Gaps between non-zeros, capped at 2^bits - 1 by fillers; returns (gaps, fillers).
+
+    A gap g longer than the cap becomes g // 2^bits filler entries (each skipping 2^bits
+    positions: `cap` gap plus its own stored zero) and the remainder.
+    """
+    cap = (1 << index_bits) - 1
+    pos = np.flatnonzero(flat_nonzero)
+    gaps = np.diff(np.concatenate([[-1], pos])) - 1
+    fill = gaps // (cap + 1)
+    rest = gaps - fill * (cap + 1)
+    # per non-zero: its fillers (symbol `cap`) then its own remainder gap
+    stream = np.repeat(np.stack([np.full_like(gaps, cap), rest], axis=1).reshape(-1),
+                       np.stack([fill, np.ones_like(fill)], axis=1).reshape(-1))
+    return stream.astype(np.int64), int(fill.sum())
+
+
+def weight_bytes(weight: torch.Tensor, value_bits: int, index_bits: int) -> int:
+    """min(dense, sparse + Huffman) bytes of one weight tensor at `value_bits` per value."""
+    w = weight.detach().float().reshape(-1).cpu().numpy()
+    dense = (w.size * value_bits + 7) // 8
+    nonzero = w != 0
+    if nonzero.all():
+        return dense
+    gaps, fillers = relative_indices(nonzero, index_bits)
+    entries = len(gaps)
+    index_part = huffman_bits(gaps)
+    codebooks = len(np.unique(gaps)) * (index_bits + 8)  # symbol + code length per entry
+    if value_bits <= 8:  # discrete codes: Huffman over the stored values (fillers store 0)
+        values = np.concatenate([w[nonzero], np.zeros(fillers, dtype=w.dtype)])
+        value_part = huffman_bits(values)
+        codebooks += len(np.unique(values)) * (value_bits + 8)
+    else:
+        value_part = entries * value_bits
+    sparse = (index_part + value_part + codebooks + 7) // 8
+    return min(dense, sparse)
