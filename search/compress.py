@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.utils.prune
 from torch import nn
@@ -154,7 +155,8 @@ def _weights(module: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
-    """Round weights to the policy's precision, in place: int8 per-channel, or an fp16 layer.
+    """Round weights to the policy's precision, in place: shared k-means values, int8
+    per-channel, or an fp16 layer.
 
     NOTE: int8 is weight storage (symmetric, per output channel); the TVM graph computes it in
     fp32 because TVM 0.27's Relax has no int8-weight kernels reachable from torch.export, so it
@@ -164,7 +166,10 @@ def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
         if torch.nn.utils.prune.is_pruned(m):
             torch.nn.utils.prune.remove(m, "weight")
     for name, lp in policy.layers.items():
-        if lp.bits == 8:
+        if lp.share:
+            for m in _weights(model.get_submodule(name)):
+                m.weight.data = share_weights(m.weight.data, lp.share)
+        if lp.bits == 8 and not lp.share:  # shared values are already a small codebook
             for m in _weights(model.get_submodule(name)):
                 w = m.weight.data
                 scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12) / 127.0
@@ -178,6 +183,31 @@ def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
             else:
                 _set(model, name, Fp16(target))
     return model
+
+
+def share_weights(w: torch.Tensor, bits: int, sample: int = 100_000, seed: int = 0
+                  ) -> torch.Tensor:
+    """Weight sharing (Deep Compression): k-means to 2^bits values; zeros stay zero.
+
+    Centroids are fitted on a sample (scikit-learn's k-means++, linear init as in Han et al. is
+    not needed at these sizes), then every weight snaps to its nearest centroid.
+    """
+    from sklearn.cluster import KMeans
+
+    flat = w.detach().float().reshape(-1).cpu().numpy()
+    nonzero = flat != 0
+    values = flat[nonzero]
+    k = 1 << bits
+    if values.size <= k:
+        return w
+    rng = np.random.default_rng(seed)
+    fit = values if values.size <= sample else rng.choice(values, sample, replace=False)
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(fit.reshape(-1, 1))
+    centers = np.sort(km.cluster_centers_.reshape(-1))
+    edges = (centers[1:] + centers[:-1]) / 2
+    out = flat.copy()
+    out[nonzero] = centers[np.searchsorted(edges, values)]
+    return torch.from_numpy(out).reshape(w.shape).to(w.dtype)
 
 
 def build(model: nn.Module, policy: Policy, example: torch.Tensor) -> nn.Module:
@@ -208,14 +238,17 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
         for m in _weights(model.get_submodule(name)):
             for p in m.parameters():
                 counted.add(id(p))
+                value_bits = lp.share or lp.bits  # shared: a code per weight + a codebook
+                if lp.share and p is m.weight:
+                    size += (1 << lp.share) * 4
                 if p is m.weight and lp.prune > 0:  # stored sparse when that is smaller
                     index_bits = 8 if isinstance(m, nn.Conv2d) else 5  # Han et al.'s choice
-                    size += weight_bytes(p, lp.bits, index_bits)
+                    size += weight_bytes(p, value_bits, index_bits)
                 elif p is m.weight:
-                    size += p.numel() * lp.bits // 8
+                    size += (p.numel() * value_bits + 7) // 8
                 else:
                     size += p.numel() * (32 if lp.bits == 8 else lp.bits) // 8  # int8: fp32 bias
-            if lp.bits == 8:
+            if lp.bits == 8 and not lp.share:
                 size += m.weight.shape[0] * 4  # one fp32 scale per output channel
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) not in counted:

@@ -155,7 +155,7 @@ def _kib(n: int) -> str:
 
 
 def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
-    """Short per-layer text: r=rank ratio, s=sparsity, b=bits, p=pruned; unchanged omitted."""
+    """Per-layer text: r=rank ratio, s=sparsity, b=bits, p=pruned, k=shared-value bits."""
     parts = []
     for name, lp in policy.items():
         bits = []
@@ -167,6 +167,8 @@ def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
             bits.append(f"b{lp['bits']}")
         if lp.get("prune", 0) > 0:
             bits.append(f"p{lp['prune']:g}")
+        if lp.get("share", 0):
+            bits.append(f"k{lp['share']}")
         if bits:
             parts.append(f"{name}:{'/'.join(bits)}")
     return " ".join(parts) or "uncompressed"

@@ -20,7 +20,8 @@ RANK_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # kept fraction of min(in, out); 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # fraction of output channels removed
 BITS = (32, 16, 8)  # weight precision: fp32, fp16 (computed in fp16), int8 (per-channel scales)
 PRUNES = (0.0, 0.5, 0.75, 0.9)  # fraction of weights zeroed by magnitude (unstructured)
-KNOBS = ("rank", "sparsity", "bits", "prune")  # every knob a LayerPolicy has
+SHARES = (0, 4, 2)  # weight sharing: 2^b shared values per layer (k-means); 0 = off
+KNOBS = ("rank", "sparsity", "bits", "prune", "share")  # every knob a LayerPolicy has
 CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
 
 
@@ -37,6 +38,7 @@ class LayerPolicy:
     sparsity: float = 0.0  # fraction of output channels physically removed
     bits: int = 32  # weight precision
     prune: float = 0.0  # fraction of weights zeroed by magnitude: stored sparse, computed dense
+    share: int = 0  # bits of a k-means code per weight (2^share shared values); 0 = off
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rank <= 1.0:
@@ -47,6 +49,8 @@ class LayerPolicy:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if not 0.0 <= self.prune < 1.0:
             raise ValueError(f"prune must be in [0, 1), got {self.prune}")
+        if self.share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES}, got {self.share}")
 
     @property
     def is_identity(self) -> bool:
@@ -97,10 +101,11 @@ class LayerSpace:
     sparsities: tuple[float, ...]
     bits: tuple[int, ...]
     prunes: tuple[float, ...] = PRUNES
+    shares: tuple[int, ...] = SHARES
 
     def choices(self, knob: str) -> tuple:
         return {"rank": self.ranks, "sparsity": self.sparsities, "bits": self.bits,
-                "prune": self.prunes}[knob]
+                "prune": self.prunes, "share": self.shares}[knob]
 
 
 def factorized_rank(layer: nn.Module, ratio: float) -> int:
@@ -170,7 +175,7 @@ def derive_space(model: nn.Module, example: torch.Tensor) -> list[LayerSpace]:
 
 
 def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.0,
-            bits: int = 32, prune: float = 0.0) -> Policy:
+            bits: int = 32, prune: float = 0.0, share: int = 0) -> Policy:
     """The same knob values on every layer, clipped to what each layer offers."""
 
     def nearest(options: tuple, want: float) -> float:
@@ -178,6 +183,7 @@ def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.
 
     return Policy({
         ls.name: LayerPolicy(nearest(ls.ranks, rank), nearest(ls.sparsities, sparsity),
-                             int(nearest(ls.bits, bits)), nearest(ls.prunes, prune))
+                             int(nearest(ls.bits, bits)), nearest(ls.prunes, prune),
+                             int(nearest(ls.shares, share)))
         for ls in space
     })

@@ -100,3 +100,19 @@ def test_magnitude_pruning_zeros_weights_survives_fine_tune_and_stores_sparse(ti
     base = model_stats(tiny_task.model, Policy(), tiny_task.example)
     pruned = model_stats(model, policy, tiny_task.example)
     assert pruned.size_bytes < base.size_bytes and pruned.params == base.params  # stored sparse
+
+
+def test_weight_sharing_leaves_2_to_the_b_values_and_counts_codes_not_floats(tiny_task):
+    policy = Policy({"fc1": LayerPolicy(share=2), "fc2": LayerPolicy(share=4, prune=0.5)})
+    model = build(tiny_task.model, policy, tiny_task.example)
+    assert len(torch.unique(model.fc1.weight)) <= 4
+    fc2 = model.fc2.weight
+    assert len(torch.unique(fc2[fc2 != 0])) <= 16 and float((fc2 == 0).float().mean()) >= 0.5
+    base = model_stats(tiny_task.model, Policy(), tiny_task.example)
+    shared = model_stats(model, policy, tiny_task.example)
+    fc1 = 4096 * 64
+    # fc1 alone goes from 32 to 2 bits per weight (+ a 4-value codebook)
+    assert base.size_bytes - shared.size_bytes >= fc1 * 4 - fc1 // 4 - 16
+    x = tiny_task.val[0][:64]
+    agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
+    assert agree > 0.5  # 4 shared values still carry the layer (no fine-tune here)
