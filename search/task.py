@@ -100,13 +100,11 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int
     return model.eval()
 
 
-def digits(width: int = 5120, epochs: int = 4, seed: int = 0) -> Task:
-    """The built-in default task; the trained model is cached by its settings."""
+def _digits_task(name: str, model: nn.Module, epochs: int, seed: int, key: str) -> Task:
+    """Train `model` on digits once; the weights are cached under `key` (the model's settings)."""
     train_data, val_data = digits_data(seed)
-    torch.manual_seed(seed)
-    model = DigitsNet(width)
-    key = hashlib.sha1(f"digits-v1-{width}-{epochs}-{seed}".encode()).hexdigest()[:12]
-    path = cache_dir() / "tasks" / f"digits-{key}.pt"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = cache_dir() / "tasks" / f"{name}-{digest}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
@@ -116,7 +114,32 @@ def digits(width: int = 5120, epochs: int = 4, seed: int = 0) -> Task:
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
-    return Task(f"digits-w{width}", model, train_data, val_data, val_data[0][:1].clone(), accuracy)
+    return Task(name, model, train_data, val_data, val_data[0][:1].clone(), accuracy)
+
+
+def digits(width: int = 5120, epochs: int = 4, seed: int = 0) -> Task:
+    """The built-in default task; the trained model is cached by its settings."""
+    torch.manual_seed(seed)
+    return _digits_task(f"digits-w{width}", DigitsNet(width), epochs, seed,
+                        f"digits-v1-{width}-{epochs}-{seed}")
+
+
+def digits_resnet(width: int = 32, epochs: int = 6, seed: int = 0) -> Task:
+    """A residual network (ResNet-10 style, BatchNorm, projection shortcuts) on digits."""
+    from search.models import ResNetTiny
+
+    torch.manual_seed(seed)
+    return _digits_task(f"resnet-w{width}", ResNetTiny(width), epochs, seed,
+                        f"resnet-v1-{width}-{epochs}-{seed}")
+
+
+def digits_mobilenet(width: int = 16, epochs: int = 6, seed: int = 0) -> Task:
+    """A MobileNetV2-style network (depthwise convolutions, inverted residuals) on digits."""
+    from search.models import MobileNetTiny
+
+    torch.manual_seed(seed)
+    return _digits_task(f"mobilenet-w{width}", MobileNetTiny(width), epochs, seed,
+                        f"mobilenet-v1-{width}-{epochs}-{seed}")
 
 
 def resolve_entry_point(spec: str) -> Callable[..., Task]:

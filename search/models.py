@@ -1,0 +1,88 @@
+"""Small versions of the architectures users have, written here (torchvision beside the CPU
+torch on this machine fails to import): residual blocks, and MobileNetV2's depthwise blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv-bn-relu-conv-bn plus the identity (or a 1x1 projection)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetTiny(nn.Module):
+    """A ResNet-10-style network for 16x16 inputs: stem, three stages of one block, head."""
+
+    def __init__(self, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.layer1 = BasicBlock(width, width)
+        self.layer2 = BasicBlock(width, 2 * width, 2)
+        self.layer3 = BasicBlock(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 project, identity when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_skip = stride == 1 and cin == cout
+        self.expand = nn.Conv2d(cin, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu6(self.bn1(self.expand(x)))
+        out = F.relu6(self.bn2(self.depthwise(out)))
+        out = self.bn3(self.project(out))
+        return x + out if self.use_skip else out
+
+
+class MobileNetTiny(nn.Module):
+    """A MobileNetV2-style network for 16x16 inputs."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.blocks = nn.Sequential(
+            InvertedResidual(width, width, 1),
+            InvertedResidual(width, 2 * width, 2),
+            InvertedResidual(2 * width, 2 * width, 1),
+            InvertedResidual(2 * width, 4 * width, 2),
+        )
+        self.head = nn.Conv2d(4 * width, 8 * width, 1, bias=False)
+        self.fc = nn.Linear(8 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn(self.stem(x)))
+        x = F.relu6(self.head(self.blocks(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
