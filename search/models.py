@@ -86,3 +86,36 @@ class MobileNetTiny(nn.Module):
         x = F.relu6(self.bn(self.stem(x)))
         x = F.relu6(self.head(self.blocks(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class EncoderBlock(nn.Module):
+    """A post-norm transformer encoder block: self-attention, then a ReLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ff)
+        self.linear2 = nn.Linear(ff, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class TransformerTiny(nn.Module):
+    """A small transformer encoder over the 16 4x4 patches of a 16x16 image."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, dim)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, 4 * dim) for _ in range(depth)])
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        patches = x.reshape(b, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(b, 16, 16)
+        h = self.blocks(self.embed(patches) + self.pos)
+        return self.fc(h.mean(dim=1))

@@ -134,11 +134,18 @@ def _factorized_params(layer: nn.Module, rank: int) -> int:
 
 
 def compressible_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d (ungrouped) and Linear layers, in definition order."""
+    """Conv2d (ungrouped) and Linear layers, in definition order.
+
+    NOTE: a MultiheadAttention's out_proj is skipped: attention reads its weight directly, so
+    it cannot be replaced by a factorized pair or a smaller layer.
+    """
+    attention = [name for name, m in model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention)]
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+        if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+        and not any(name.startswith(a + ".") for a in attention)
     ]
 
 

@@ -142,6 +142,15 @@ def digits_mobilenet(width: int = 16, epochs: int = 6, seed: int = 0) -> Task:
                         f"mobilenet-v1-{width}-{epochs}-{seed}")
 
 
+def digits_transformer(dim: int = 64, epochs: int = 20, seed: int = 0) -> Task:
+    """A transformer encoder (attention + feed-forward Linear layers) over image patches."""
+    from search.models import TransformerTiny
+
+    torch.manual_seed(seed)
+    return _digits_task(f"transformer-d{dim}", TransformerTiny(dim), epochs, seed,
+                        f"transformer-v1-{dim}-{epochs}-{seed}")
+
+
 def resolve_entry_point(spec: str) -> Callable[..., Task]:
     """`module:function` -> the function, or a one-line UserError saying what is wrong."""
     module_name, sep, func_name = spec.partition(":")

@@ -11,12 +11,13 @@ from search.compress import build, model_stats
 from search.measure import run_and_time
 from search.policy import Policy, derive_space, uniform
 from search.target import Measurement, load_target
-from search.task import digits, digits_mobilenet, digits_resnet
+from search.task import digits, digits_mobilenet, digits_resnet, digits_transformer
 
 MODELS = {
     "digits": lambda: digits(width=64, epochs=1),
     "resnet": lambda: digits_resnet(width=16, epochs=1),
     "mobilenet": lambda: digits_mobilenet(width=8, epochs=1),
+    "transformer": lambda: digits_transformer(dim=32, epochs=1),
 }
 # knob -> (uniform policy arguments, what must shrink, what must stay)
 KNOBS = {
@@ -64,7 +65,8 @@ def test_knob_on_model(tasks, compiler, model_name, knob):
 
 
 def test_every_knob_applies_somewhere_on_each_model(tasks):
-    """sparsity needs a prunable layer: the residual and depthwise models each have some."""
+    """Each model has layers to factorize and layers whose channels can go (the residual and
+    depthwise models: the layers off the skip path; the transformer: its feed-forward)."""
     for name, task in tasks.items():
         space = derive_space(task.model, task.example)
         assert any(len(s.sparsities) > 1 for s in space), name
