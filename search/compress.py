@@ -106,8 +106,11 @@ def prune_channels(model: nn.Module, policy: Policy, example: torch.Tensor) -> N
         _keep_inputs(model.get_submodule(cons.name), cols)
 
 
-def factorize(layer: nn.Module, ratio: float) -> nn.Sequential:
-    """Truncated SVD: Linear -> Linear(in, r) + Linear(r, out); Conv kxk -> kxk to r, then 1x1."""
+def factorize(layer: nn.Module, ratio: float, split: str = "channel") -> nn.Sequential:
+    """Truncated SVD: Linear -> Linear(in, r) + Linear(r, out); Conv kxk -> kxk to r, then 1x1
+    (split "channel"), or kx1 to r, then 1xk (split "spatial", Jaderberg et al.)."""
+    if split == "spatial" and isinstance(layer, nn.Conv2d):
+        return _factorize_spatial(layer, ratio)
     rank = factorized_rank(layer, ratio)
     w = layer.weight.data
     mat = w.reshape(w.shape[0], -1)
@@ -136,13 +139,34 @@ def factorize(layer: nn.Module, ratio: float) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def _factorize_spatial(layer: nn.Conv2d, ratio: float) -> nn.Sequential:
+    """W[o,c,y,x] ~ sum_r V[r,c,y] H[o,r,x]: the SVD of W arranged as a (c*kh) x (o*kw) matrix."""
+    rank = factorized_rank(layer, ratio, "spatial")
+    w = layer.weight.data  # (out, in, kh, kw)
+    n_out, n_in, kh, kw = w.shape
+    mat = w.permute(1, 2, 0, 3).reshape(n_in * kh, n_out * kw)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    root = s[:rank].sqrt()
+    vertical = (u[:, :rank] * root).T.reshape(rank, n_in, kh, 1)
+    horizontal = (root[:, None] * vh[:rank]).reshape(rank, n_out, kw).permute(1, 0, 2)
+    first = nn.Conv2d(n_in, rank, (kh, 1), (layer.stride[0], 1), (layer.padding[0], 0),
+                      (layer.dilation[0], 1), bias=False)
+    first.weight = nn.Parameter(vertical.contiguous())
+    second = nn.Conv2d(rank, n_out, (1, kw), (1, layer.stride[1]), (0, layer.padding[1]),
+                       (1, layer.dilation[1]), bias=layer.bias is not None)
+    second.weight = nn.Parameter(horizontal.reshape(n_out, rank, 1, kw).contiguous())
+    if layer.bias is not None:
+        second.bias = nn.Parameter(layer.bias.data.clone())
+    return nn.Sequential(first, second)
+
+
 def restructure(model: nn.Module, policy: Policy, example: torch.Tensor) -> nn.Module:
     """The fp32 smaller model of a policy (channels removed, layers factorized); a new copy."""
     model = copy.deepcopy(model).eval()
     prune_channels(model, policy, example)
     for name, lp in policy.layers.items():
         if lp.rank < 1.0:
-            _set(model, name, factorize(model.get_submodule(name), lp.rank))
+            _set(model, name, factorize(model.get_submodule(name), lp.rank, lp.split))
         if lp.prune > 0.0:  # torch's pruning keeps the mask through the fine-tune
             for m in _weights(model.get_submodule(name)):
                 torch.nn.utils.prune.l1_unstructured(m, "weight", amount=lp.prune)

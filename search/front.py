@@ -160,7 +160,7 @@ def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
     for name, lp in policy.items():
         bits = []
         if lp["rank"] < 1:
-            bits.append(f"r{lp['rank']:g}")
+            bits.append(f"r{lp['rank']:g}" + ("sp" if lp.get("split") == "spatial" else ""))
         if lp["sparsity"] > 0:
             bits.append(f"s{lp['sparsity']:g}")
         if lp["bits"] != 32:

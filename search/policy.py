@@ -21,7 +21,8 @@ SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # fraction of output channels removed
 BITS = (32, 16, 8)  # weight precision: fp32, fp16 (computed in fp16), int8 (per-channel scales)
 PRUNES = (0.0, 0.5, 0.75, 0.9)  # fraction of weights zeroed by magnitude (unstructured)
 SHARES = (0, 4, 2)  # weight sharing: 2^b shared values per layer (k-means); 0 = off
-KNOBS = ("rank", "sparsity", "bits", "prune", "share")  # every knob a LayerPolicy has
+SPLITS = ("channel", "spatial")  # conv low-rank: kxk->r + 1x1, or kx1->r + 1xk (Jaderberg)
+KNOBS = ("rank", "sparsity", "bits", "prune", "share", "split")  # every knob of a LayerPolicy
 CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
 
 
@@ -39,6 +40,7 @@ class LayerPolicy:
     bits: int = 32  # weight precision
     prune: float = 0.0  # fraction of weights zeroed by magnitude: stored sparse, computed dense
     share: int = 0  # bits of a k-means code per weight (2^share shared values); 0 = off
+    split: str = "channel"  # how a conv is factorized when rank < 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rank <= 1.0:
@@ -51,6 +53,8 @@ class LayerPolicy:
             raise ValueError(f"prune must be in [0, 1), got {self.prune}")
         if self.share not in SHARES:
             raise ValueError(f"share must be one of {SHARES}, got {self.share}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -102,19 +106,23 @@ class LayerSpace:
     bits: tuple[int, ...]
     prunes: tuple[float, ...] = PRUNES
     shares: tuple[int, ...] = SHARES
+    splits: tuple[str, ...] = ("channel",)
 
     def choices(self, knob: str) -> tuple:
         return {"rank": self.ranks, "sparsity": self.sparsities, "bits": self.bits,
-                "prune": self.prunes, "share": self.shares}[knob]
+                "prune": self.prunes, "share": self.shares, "split": self.splits}[knob]
 
 
-def factorized_rank(layer: nn.Module, ratio: float) -> int:
+def factorized_rank(layer: nn.Module, ratio: float, split: str = "channel") -> int:
     """The rank a ratio means for this layer, rounded to the channel multiple.
 
-    Full rank is that of the weight as a matrix: out x in (conv: out x in*kh*kw).
+    Full rank is that of the weight as a matrix: out x in (conv: out x in*kh*kw; split spatially:
+    out*kw x in*kh).
     """
     n_in, n_out = _io(layer)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv2d) and split == "spatial":
+        n_in, n_out = n_in * layer.kernel_size[0], n_out * layer.kernel_size[1]
+    elif isinstance(layer, nn.Conv2d):
         n_in *= layer.kernel_size[0] * layer.kernel_size[1]
     full = min(n_in, n_out)
     return min(round_channels(full * ratio), full)
@@ -177,12 +185,15 @@ def derive_space(model: nn.Module, example: torch.Tensor) -> list[LayerSpace]:
                     kept_seen.add(kept)
                     sparsities.append(s)
         kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
-        space.append(LayerSpace(name, kind, tuple(ranks), tuple(sparsities), BITS))
+        spatial = kind == "conv" and min(layer.kernel_size) > 1 and len(ranks) > 1
+        space.append(LayerSpace(name, kind, tuple(ranks), tuple(sparsities), BITS,
+                                splits=SPLITS if spatial else ("channel",)))
     return space
 
 
 def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.0,
-            bits: int = 32, prune: float = 0.0, share: int = 0) -> Policy:
+            bits: int = 32, prune: float = 0.0, share: int = 0,
+            split: str = "channel") -> Policy:
     """The same knob values on every layer, clipped to what each layer offers."""
 
     def nearest(options: tuple, want: float) -> float:
@@ -191,6 +202,7 @@ def uniform(space: Iterable[LayerSpace], rank: float = 1.0, sparsity: float = 0.
     return Policy({
         ls.name: LayerPolicy(nearest(ls.ranks, rank), nearest(ls.sparsities, sparsity),
                              int(nearest(ls.bits, bits)), nearest(ls.prunes, prune),
-                             int(nearest(ls.shares, share)))
+                             int(nearest(ls.shares, share)),
+                             split if split in ls.splits else "channel")
         for ls in space
     })

@@ -27,12 +27,18 @@ def test_low_rank_replaces_the_layer_by_two_smaller_ones(tiny_task):
     assert low.params < base.params and low.flops < base.flops and low.size_bytes < base.size_bytes
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(48, 40), nn.Conv2d(8, 16, 3, padding=1)])
-def test_factorization_at_full_rank_is_exact(layer):
+@pytest.mark.parametrize("layer, split", [
+    (nn.Linear(48, 40), "channel"), (nn.Conv2d(8, 16, 3, padding=1), "channel"),
+    (nn.Conv2d(8, 16, 3, padding=1), "spatial"),
+    (nn.Conv2d(8, 16, (3, 5), stride=(2, 1), padding=(1, 2)), "spatial"),
+])
+def test_factorization_at_full_rank_is_exact(layer, split):
     torch.manual_seed(0)
-    x = torch.randn(2, 48) if isinstance(layer, nn.Linear) else torch.randn(2, 8, 6, 6)
-    pair = factorize(layer, 1.0)
+    x = torch.randn(2, 48) if isinstance(layer, nn.Linear) else torch.randn(2, 8, 9, 9)
+    pair = factorize(layer, 1.0, split)
     assert torch.allclose(pair(x), layer(x), atol=1e-4)
+    if split == "spatial":  # kx1 then 1xk
+        assert pair[0].kernel_size[1] == 1 and pair[1].kernel_size[0] == 1
 
 
 def test_channel_pruning_removes_the_weakest_channels_for_real(tiny_task):

@@ -27,6 +27,7 @@ KNOBS = {
     "bits8": ({"bits": 8}, ["size_bytes"], ["params", "flops"]),
     "prune": ({"prune": 0.9}, ["size_bytes"], ["params", "flops"]),
     "share": ({"share": 2}, ["size_bytes"], ["params", "flops"]),
+    "split": ({"rank": 0.25, "split": "spatial"}, ["params", "flops", "size_bytes"], []),
 }
 
 
