@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.errors import UserError
+from search.models import DigitsNet, MobileNetTiny, ResNetTiny, TransformerTiny
 
 DEFAULT_TASK = "search.task:digits"
 
@@ -47,28 +48,6 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class DigitsNet(nn.Module):
-    """Two 3x3 convs then a wide MLP head: the head dominates batch-1 latency (memory bound)."""
-
-    def __init__(self, width: int = 5120) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(64 * 8 * 8, width)
-        self.fc2 = nn.Linear(width, width)
-        self.fc3 = nn.Linear(width, 10)
-        self.drop = nn.Dropout(0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = self.drop(F.relu(self.fc1(x)))
-        x = self.drop(F.relu(self.fc2(x)))
-        return self.fc3(x)
 
 
 def digits_data(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -101,9 +80,12 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int
     return model.eval()
 
 
-def _digits_task(name: str, model: nn.Module, epochs: int, seed: int, key: str) -> Task:
-    """Train `model` on digits once; the weights are cached under `key` (the model's settings)."""
+def _digits_task(name: str, make_model: Callable[[], nn.Module], epochs: int, seed: int,
+                 key: str) -> Task:
+    """Build (seeded) and train a model on digits once; weights are cached under `key`."""
     train_data, val_data = digits_data(seed)
+    torch.manual_seed(seed)
+    model = make_model()
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = cache_dir() / "tasks" / f"{name}-{digest}.pt"
     if path.exists():
@@ -120,35 +102,25 @@ def _digits_task(name: str, model: nn.Module, epochs: int, seed: int, key: str) 
 
 def digits(width: int = 5120, epochs: int = 4, seed: int = 0) -> Task:
     """The built-in default task; the trained model is cached by its settings."""
-    torch.manual_seed(seed)
-    return _digits_task(f"digits-w{width}", DigitsNet(width), epochs, seed,
+    return _digits_task(f"digits-w{width}", lambda: DigitsNet(width), epochs, seed,
                         f"digits-v1-{width}-{epochs}-{seed}")
 
 
 def digits_resnet(width: int = 32, epochs: int = 6, seed: int = 0) -> Task:
     """A residual network (ResNet-10 style, BatchNorm, projection shortcuts) on digits."""
-    from search.models import ResNetTiny
-
-    torch.manual_seed(seed)
-    return _digits_task(f"resnet-w{width}", ResNetTiny(width), epochs, seed,
+    return _digits_task(f"resnet-w{width}", lambda: ResNetTiny(width), epochs, seed,
                         f"resnet-v1-{width}-{epochs}-{seed}")
 
 
 def digits_mobilenet(width: int = 16, epochs: int = 6, seed: int = 0) -> Task:
     """A MobileNetV2-style network (depthwise convolutions, inverted residuals) on digits."""
-    from search.models import MobileNetTiny
-
-    torch.manual_seed(seed)
-    return _digits_task(f"mobilenet-w{width}", MobileNetTiny(width), epochs, seed,
+    return _digits_task(f"mobilenet-w{width}", lambda: MobileNetTiny(width), epochs, seed,
                         f"mobilenet-v1-{width}-{epochs}-{seed}")
 
 
 def digits_transformer(dim: int = 64, epochs: int = 20, seed: int = 0) -> Task:
     """A transformer encoder (attention + feed-forward Linear layers) over image patches."""
-    from search.models import TransformerTiny
-
-    torch.manual_seed(seed)
-    return _digits_task(f"transformer-d{dim}", TransformerTiny(dim), epochs, seed,
+    return _digits_task(f"transformer-d{dim}", lambda: TransformerTiny(dim), epochs, seed,
                         f"transformer-v1-{dim}-{epochs}-{seed}")
 
 
