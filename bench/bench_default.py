@@ -20,6 +20,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from search.compile import Compiler, to_relax  # noqa: E402
+from search.compress import output_tolerance  # noqa: E402
 from search.export import load_trial_model, ort_session_bytes  # noqa: E402
 from search.measure import run_and_time, time_onnxruntime  # noqa: E402
 from search.run import RunInfo, tuning_dir  # noqa: E402
@@ -75,11 +76,10 @@ def main() -> None:
     rows.append(("uncompressed, ONNX Runtime int8 (dynamic)",
                  time_onnxruntime(ort_int8(onnx), task.example, target.measurement), "ort"))
     c = tuned.compile(to_relax(small, task.example))
-    half = any(lp.bits == 16 for lp in policy.layers.values())
     rows.append((f"front trial {best['trial']} (acc {100 * best['accuracy']:.2f}% vs "
                  f"{100 * base_acc:.2f}%), TVM tuned",
                  run_and_time(c.executable, task.example, ref_small, target.measurement,
-                              atol=5e-2 if half else 1e-3).median_ms,
+                              atol=output_tolerance(policy)).median_ms,
                  f"tuned {c.tuned}/{c.tasks}"))
     rows.append((f"front trial {best['trial']}, ONNX Runtime fp32",
                  time_onnxruntime(ort_session_bytes(small, task.example), task.example,

@@ -16,8 +16,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from search.compile import Compiler, to_relax  # noqa: E402
-from search.compress import apply_precision, model_stats, restructure  # noqa: E402
-from search.finetune import distill, evaluate, teacher_logits  # noqa: E402
+from search.compress import apply_precision, model_stats, output_tolerance, restructure  # noqa: E402,E501
+from search.finetune import FinetuneOptions, distill, evaluate, teacher_logits  # noqa: E402
 from search.measure import run_and_time  # noqa: E402
 from search.policy import Policy, derive_space, uniform  # noqa: E402
 from search.study import latency_source  # noqa: E402
@@ -48,18 +48,17 @@ def main() -> None:
     compiler = Compiler(target, Path(tempfile.mkdtemp()) / "db", args.tune_trials)
 
     def measure(policy: Policy, name: str) -> tuple[str, float, int, float, str]:
-        model = restructure(task.model, policy, task.example)
+        model = restructure(task.model, policy, task.example, task.train)
         if policy != Policy():
-            distill(model, teacher, task.train, args.steps)
+            distill(model, teacher, task.train, FinetuneOptions(steps=args.steps))
         model = apply_precision(model, policy)
         acc = evaluate(model, task.val, task.metric)
         size = model_stats(model, policy, task.example).size_bytes
         with torch.no_grad():
             ref = model(task.example)
         c = compiler.compile(to_relax(model, task.example))
-        half = any(lp.bits == 16 for lp in policy.layers.values())
         lat = run_and_time(c.executable, task.example, ref, target.measurement,
-                           atol=5e-2 if half else 1e-3).median_ms
+                           atol=output_tolerance(policy)).median_ms
         return name, acc, size, lat, latency_source(target.name, c.tuned, c.tasks)
 
     base = measure(Policy(), "uncompressed")

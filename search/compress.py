@@ -1,8 +1,9 @@
 """Apply a policy: a real smaller / lower-precision model, not a mask.
 
-Order matters and is fixed: channels are removed first (importance by weight norm), the surviving
-layer is factorized by truncated SVD, and precision is applied last, after fine-tuning, so the
-fine-tune trains fp32 weights and the deployed weights are rounded once.
+Order matters and is fixed: channel groups are removed first (search.channels), the surviving
+layer is factorized by truncated SVD, sparsity masks are attached, and precision is applied
+last, after fine-tuning (which trains through the quantizer), so the deployed weights are
+rounded once.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.utils.prune
+import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-from search.graph import channel_consumers
-from search.policy import Policy, factorized_rank, round_channels
-from search.storage import weight_bytes
+from search.channels import prune_channels
+from search.policy import LayerPolicy, Policy, layer_rank
+from search.quantize import Mask, nm_mask, parse_nm, quantize
+from search.storage import nm_bytes, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -29,22 +31,24 @@ class ModelStats:
     size_bytes: int  # bytes the weights take in their deployed precision (int8 scales included)
 
 
-class Fp16(nn.Module):
-    """One Conv2d/Linear with fp16 weights and fp16 inputs (bias added in fp32 after).
+class Half(nn.Module):
+    """One Conv2d/Linear with 16-bit float (fp16 or bf16) weights and inputs; the bias is added
+    in fp32 after.
 
     NOTE: TVM's torch frontend gives conv2d an fp32 output (fp32 accumulation) whatever its
     input types, so the cast back to fp32 sits right after the layer's op, where the two agree.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.layer = layer
         self.bias = layer.bias
+        self.dtype = dtype
         layer.bias = None
-        layer.half()
+        layer.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(x.half()).float()
+        y = self.layer(x.to(self.dtype)).float()
         if self.bias is None:
             return y
         return y + (self.bias.view(1, -1, 1, 1) if y.dim() == 4 else self.bias)
@@ -55,63 +59,16 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _keep_outputs(layer: nn.Module, idx: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[idx].clone())
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.data[idx].clone())
-    if isinstance(layer, nn.Conv2d):
-        layer.out_channels = len(idx)
-    else:
-        layer.out_features = len(idx)
+def factorize(layer: nn.Module, rank: int, split: str = "channel") -> nn.Sequential:
+    """Truncated SVD to `rank`: Linear -> Linear(in, r) + Linear(r, out); Conv kxk -> kxk to r,
+    then 1x1 (split "channel"), or kx1 to r, then 1xk (split "spatial", Jaderberg et al.).
 
-
-def _keep_inputs(layer: nn.Module, idx: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[:, idx].clone())
-    if isinstance(layer, nn.Conv2d):
-        layer.in_channels = len(idx)
-    else:
-        layer.in_features = len(idx)
-
-
-def _keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
-    bn.num_features = len(idx)
-    if bn.affine:
-        bn.weight = nn.Parameter(bn.weight.data[idx].clone())
-        bn.bias = nn.Parameter(bn.bias.data[idx].clone())
-    if bn.running_mean is not None:
-        bn.running_mean = bn.running_mean[idx].clone()
-        bn.running_var = bn.running_var[idx].clone()
-
-
-def prune_channels(model: nn.Module, policy: Policy, example: torch.Tensor) -> None:
-    """Remove the lowest-L2-norm output channels of each layer, and the matching consumer inputs."""
-    consumers = channel_consumers(model, example)
-    for name, lp in policy.layers.items():
-        if lp.sparsity == 0.0:
-            continue
-        if name not in consumers:
-            raise ValueError(f"layer {name!r} cannot be channel-pruned (no single consumer)")
-        layer = model.get_submodule(name)
-        w = layer.weight.data
-        n_out = w.shape[0]
-        keep = min(round_channels(n_out * (1 - lp.sparsity)), n_out)
-        norms = w.reshape(n_out, -1).norm(dim=1)
-        idx = torch.sort(torch.topk(norms, keep).indices).values
-        _keep_outputs(layer, idx)
-        cons = consumers[name]
-        for bn in cons.batchnorms:
-            _keep_bn(model.get_submodule(bn), idx)
-        per = cons.per_channel  # a flatten spreads each channel over `per` features, channel-major
-        cols = (idx[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
-        _keep_inputs(model.get_submodule(cons.name), cols)
-
-
-def factorize(layer: nn.Module, ratio: float, split: str = "channel") -> nn.Sequential:
-    """Truncated SVD: Linear -> Linear(in, r) + Linear(r, out); Conv kxk -> kxk to r, then 1x1
-    (split "channel"), or kx1 to r, then 1xk (split "spatial", Jaderberg et al.)."""
+    The factors keep the top singular values as they are (the best rank-r approximation),
+    also when the rank was chosen by soft thresholding: shrinking them would only add error
+    for the fine-tune to undo.
+    """
     if split == "spatial" and isinstance(layer, nn.Conv2d):
-        return _factorize_spatial(layer, ratio)
-    rank = factorized_rank(layer, ratio)
+        return _factorize_spatial(layer, rank)
     w = layer.weight.data
     mat = w.reshape(w.shape[0], -1)
     if min(mat.shape) > 512 and rank <= min(mat.shape) // 4:
@@ -139,9 +96,8 @@ def factorize(layer: nn.Module, ratio: float, split: str = "channel") -> nn.Sequ
     return nn.Sequential(first, second)
 
 
-def _factorize_spatial(layer: nn.Conv2d, ratio: float) -> nn.Sequential:
+def _factorize_spatial(layer: nn.Conv2d, rank: int) -> nn.Sequential:
     """W[o,c,y,x] ~ sum_r V[r,c,y] H[o,r,x]: the SVD of W arranged as a (c*kh) x (o*kw) matrix."""
-    rank = factorized_rank(layer, ratio, "spatial")
     w = layer.weight.data  # (out, in, kh, kw)
     n_out, n_in, kh, kw = w.shape
     mat = w.permute(1, 2, 0, 3).reshape(n_in * kh, n_out * kw)
@@ -160,52 +116,74 @@ def _factorize_spatial(layer: nn.Conv2d, ratio: float) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def restructure(model: nn.Module, policy: Policy, example: torch.Tensor) -> nn.Module:
-    """The fp32 smaller model of a policy (channels removed, layers factorized); a new copy."""
+def restructure(model: nn.Module, policy: Policy, example: torch.Tensor,
+                data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The fp32 smaller model of a policy (channels removed, layers factorized, sparsity masks
+    attached); a new copy. `data` (training x, y) feeds gradient channel importances."""
     model = copy.deepcopy(model).eval()
-    prune_channels(model, policy, example)
+    plan = {n: (lp.sparsity, lp.importance) for n, lp in policy.layers.items() if lp.sparsity}
+    if plan:
+        prune_channels(model, plan, example, data)
     for name, lp in policy.layers.items():
-        if lp.rank < 1.0:
-            _set(model, name, factorize(model.get_submodule(name), lp.rank, lp.split))
-        if lp.prune > 0.0:  # torch's pruning keeps the mask through the fine-tune
-            for m in _weights(model.get_submodule(name)):
-                torch.nn.utils.prune.l1_unstructured(m, "weight", amount=lp.prune)
+        if lp.factorized:
+            layer = model.get_submodule(name)
+            _set(model, name, factorize(layer, layer_rank(layer, lp), lp.split))
+        for m in weight_layers(model.get_submodule(name)):
+            mask = sparsity_mask(m.weight.data, lp)
+            if mask is not None:  # a parametrization keeps pruned weights zero while fine-tuning
+                parametrize.register_parametrization(m, "weight", Mask(mask))
     return model
 
 
-def _weights(module: nn.Module) -> list[nn.Module]:
+def sparsity_mask(w: torch.Tensor, lp: LayerPolicy) -> torch.Tensor | None:
+    """Unstructured magnitude pruning (the `prune` fraction of smallest |w| zeroed) and/or an
+    N:M pattern, as one mask; None when the layer keeps every weight."""
+    mask = None
+    if lp.prune > 0.0:
+        k = int(round(lp.prune * w.numel()))
+        if k > 0:
+            cut = w.abs().reshape(-1).kthvalue(k).values
+            mask = w.abs() > cut
+    if lp.nm != "off":
+        nm = nm_mask(w, *parse_nm(lp.nm))
+        mask = nm if mask is None else mask & nm
+    return mask
+
+
+def weight_layers(module: nn.Module) -> list[nn.Module]:
+    """The Conv2d/Linear layers of a module (a layer, or the pair it was factorized into)."""
     return [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
 @torch.no_grad()
 def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
-    """Round weights to the policy's precision, in place: shared k-means values, int8
-    per-channel, or an fp16 layer.
+    """Make the weights final, in place: sparsity masks and training-time transforms baked in,
+    then shared k-means values, int8/int4/ternary/binary per-channel values, or a 16-bit layer.
 
-    NOTE: int8 is weight storage (symmetric, per output channel); the TVM graph computes it in
-    fp32 because TVM 0.27's Relax has no int8-weight kernels reachable from torch.export, so it
-    shows as a size win only. fp16 is real: the layer's weights and arithmetic are half.
+    NOTE: int8 and below are weight storage (with per-channel scales); the TVM graph computes
+    those layers in fp32 because TVM 0.27's Relax has no low-bit kernels reachable from
+    torch.export, so they show as a size win only. fp16/bf16 are real: the layer's weights
+    and arithmetic are 16-bit.
     """
-    for m in _weights(model):  # unstructured pruning is final now: zeros become plain weights
-        if torch.nn.utils.prune.is_pruned(m):
-            torch.nn.utils.prune.remove(m, "weight")
+    model.eval()
+    for m in weight_layers(model):  # masks (and fake quantizers) become plain weights now
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     for name, lp in policy.layers.items():
         if lp.share:
-            for m in _weights(model.get_submodule(name)):
+            for m in weight_layers(model.get_submodule(name)):
                 m.weight.data = share_weights(m.weight.data, lp.share)
-        if lp.bits == 8 and not lp.share:  # shared values are already a small codebook
-            for m in _weights(model.get_submodule(name)):
-                w = m.weight.data
-                scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12) / 127.0
-                shape = (-1,) + (1,) * (w.dim() - 1)
-                m.weight.data = (w / scale.view(shape)).round().clamp(-127, 127) * scale.view(shape)
+        elif lp.bits <= 8:  # (shared values are already a small codebook)
+            for m in weight_layers(model.get_submodule(name)):
+                m.weight.data = quantize(m.weight.data, lp.bits)
         elif lp.bits == 16:
+            dtype = torch.bfloat16 if lp.half == "bf16" else torch.float16
             target = model.get_submodule(name)
             if isinstance(target, nn.Sequential):  # a factorized pair: each half separately
                 for i, leaf in enumerate(list(target)):
-                    target[i] = Fp16(leaf)
+                    target[i] = Half(leaf, dtype)
             else:
-                _set(model, name, Fp16(target))
+                _set(model, name, Half(target, dtype))
     return model
 
 
@@ -234,9 +212,10 @@ def share_weights(w: torch.Tensor, bits: int, sample: int = 100_000, seed: int =
     return torch.from_numpy(out).reshape(w.shape).to(w.dtype)
 
 
-def build(model: nn.Module, policy: Policy, example: torch.Tensor) -> nn.Module:
+def build(model: nn.Module, policy: Policy, example: torch.Tensor,
+          data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """Structure and precision without fine-tuning (the deployed form of an untrained candidate)."""
-    return apply_precision(restructure(model, policy, example), policy)
+    return apply_precision(restructure(model, policy, example, data), policy)
 
 
 @torch.no_grad()
@@ -250,7 +229,7 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
             if isinstance(m, nn.Conv2d) else m.in_features
         macs += out[0].numel() * per_out
 
-    handles = [m.register_forward_hook(hook) for m in _weights(model)]
+    handles = [m.register_forward_hook(hook) for m in weight_layers(model)]
     try:
         model.eval()(example[:1])
     finally:
@@ -259,23 +238,41 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
     size = 0
     counted: set[int] = set()
     for name, lp in policy.layers.items():
-        for m in _weights(model.get_submodule(name)):
+        for m in weight_layers(model.get_submodule(name)):
             for p in m.parameters():
                 counted.add(id(p))
-                value_bits = lp.share or lp.bits  # shared: a code per weight + a codebook
-                if lp.share and p is m.weight:
-                    size += (1 << lp.share) * 4
-                if p is m.weight and lp.prune > 0:  # stored sparse when that is smaller
-                    index_bits = 8 if isinstance(m, nn.Conv2d) else 5  # Han et al.'s choice
-                    size += weight_bytes(p, value_bits, index_bits)
-                elif p is m.weight:
-                    size += (p.numel() * value_bits + 7) // 8
-                else:
-                    size += p.numel() * (32 if lp.bits == 8 else lp.bits) // 8  # int8: fp32 bias
-            if lp.bits == 8 and not lp.share:
-                size += m.weight.shape[0] * 4  # one fp32 scale per output channel
+                if p is m.weight:
+                    size += stored_weight_bytes(m, lp)
+                else:  # biases stay fp32 (a 16-bit layer adds its bias in fp32 after)
+                    size += p.numel() * p.element_size()
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) not in counted:
             size += p.numel() * p.element_size()
     params = sum(p.numel() for p in model.parameters())
     return ModelStats(params=params, flops=2 * macs, size_bytes=size)
+
+
+def stored_weight_bytes(m: nn.Module, lp: LayerPolicy) -> int:
+    """Bytes of one (final) weight as stored: its values at the policy's bits (a k-means code
+    plus codebook when shared; per-channel fp32 scales for int8 and below), in the smallest
+    format its zeros allow (Deep Compression's relative indices + Huffman, or N:M)."""
+    w = m.weight
+    value_bits = lp.share or lp.bits
+    size = (w.numel() * value_bits + 7) // 8
+    if lp.prune > 0:
+        index_bits = 8 if isinstance(m, nn.Conv2d) else 5  # Han et al.'s choice
+        size = min(size, weight_bytes(w, value_bits, index_bits))
+    if lp.nm != "off":
+        size = min(size, nm_bytes(w, *parse_nm(lp.nm), value_bits))
+    if lp.share:
+        size += (1 << lp.share) * 4  # the codebook
+    elif lp.bits <= 8:
+        size += w.shape[0] * 4  # one fp32 scale per output channel
+    return size
+
+
+def output_tolerance(policy: Policy, fp32: float = 1e-3) -> float:
+    """How far a compiled/exported output may be from PyTorch's: 16-bit layers round
+    differently in each runtime (bf16 keeps 8 bits of mantissa, fp16 11)."""
+    halves = {lp.half for lp in policy.layers.values() if lp.bits == 16}
+    return 1e-1 if "bf16" in halves else 5e-2 if halves else fp32

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from search.errors import UserError
+from search.finetune import FinetuneOptions
 from search.task import DEFAULT_TASK
 
 _UNITS_MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
@@ -24,12 +25,19 @@ class SearchConfig:
     trials: int = 16  # candidates evaluated (the seeds below count)
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
+    distill_alpha: float = 0.7  # weight of distillation from the uncompressed model; 0: labels
+    qat: bool = True  # fine-tune through the weight quantizer (straight-through estimator)
+    dropconnect: float = 0.0  # fine-tune with DropConnect at this rate
+    l1: float = 0.0  # elastic-net penalty (l1 * sum|w| + l2 * sum w^2) on compressed layers
+    l2: float = 0.0
     tune_trials_per_task: int = 8  # MetaSchedule trials per new kernel; 0 = untuned (labelled)
     tuning_budget_s: float | None = None  # per run: once spent, new kernels stay untuned
     seed: int = 0
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
     knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
-    # "prune" (unstructured magnitude pruning, stored sparse) is opt-in: no dense speedup
+    # the others (see search.policy.KNOBS) are opt-in
+    choices: dict[str, list] = field(default_factory=dict)  # knob -> values offered (narrows the
+    # derived space; `bits` may widen to 4/2/1); unset knobs use search.policy.DEFAULT_CHOICES
     seeds: list[dict[str, float]] = field(default_factory=lambda: [
         {},  # the uncompressed model: the baseline point
         {"rank": 0.125},
@@ -57,13 +65,43 @@ class SearchConfig:
             raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(known))}")
         config = cls(**data)
-        from search.policy import KNOBS
-
-        bad = sorted(set(config.knobs) - set(KNOBS))
-        if bad or not config.knobs:
-            raise UserError(f"config file {path}: knobs must be a non-empty list of "
-                            f"{', '.join(KNOBS)}; got {config.knobs}")
+        config.check(str(path))
         return config
+
+    def check(self, where: str = "config") -> None:
+        """Knob names and values, and fine-tune settings, as one-line errors."""
+        from search.policy import KNOBS, LayerPolicy
+
+        bad = sorted(set(self.knobs) - set(KNOBS))
+        if bad or not self.knobs:
+            raise UserError(f"{where}: knobs must be a non-empty list of "
+                            f"{', '.join(KNOBS)}; got {self.knobs}")
+        if "rank" in self.knobs and "threshold" in self.knobs:
+            raise UserError(f"{where}: search `rank` (by ratio) or `threshold` (by soft "
+                            f"thresholding of singular values), not both")
+        for knob, values in (self.choices or {}).items():
+            if knob not in KNOBS or not isinstance(values, list) or not values:
+                raise UserError(f"{where}: choices must map a knob ({', '.join(KNOBS)}) to a "
+                                f"non-empty list of values; got {knob}: {values!r}")
+            for v in values:
+                try:
+                    LayerPolicy(**{knob: v})
+                except (ValueError, TypeError) as exc:
+                    raise UserError(f"{where}: choices for {knob}: {exc}") from None
+        if not 0.0 <= self.dropconnect < 1.0 or not 0.0 <= self.distill_alpha <= 1.0 \
+                or self.l1 < 0 or self.l2 < 0:
+            raise UserError(f"{where}: need 0 <= dropconnect < 1, 0 <= distill_alpha <= 1 and "
+                            f"l1, l2 >= 0")
+
+    def space_choices(self) -> dict[str, list]:
+        """The knob values a search offers: DEFAULT_CHOICES, overridden by `choices`."""
+        from search.policy import DEFAULT_CHOICES
+
+        return {**{k: list(v) for k, v in DEFAULT_CHOICES.items()}, **(self.choices or {})}
+
+    def finetune_options(self) -> FinetuneOptions:
+        return FinetuneOptions(self.finetune_steps, self.distill_alpha, self.qat,
+                               self.dropconnect, self.l1, self.l2)
 
 
 def parse_duration_ms(text: str) -> float:

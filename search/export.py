@@ -62,6 +62,7 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     import shutil
 
     from search.compile import Compiler, to_relax
+    from search.compress import output_tolerance
     from search.run import RunInfo, setup_threads, tuning_dir
     from search.task import load_task
 
@@ -76,8 +77,7 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
     to_onnx(model, task.example, onnx_path)
-    half = any(lp.bits == 16 for lp in policy.layers.values())
-    err = check_onnx(onnx_path, task.example, reference, atol=5e-2 if half else 1e-4)
+    err = check_onnx(onnx_path, task.example, reference, atol=output_tolerance(policy, 1e-4))
     compiler = Compiler(target, tuning_dir(target), trials_per_task=0)  # reuse tuned kernels
     compiled = compiler.compile(to_relax(model, task.example))
     lib = out / f"model_{target.name}.so"
@@ -99,7 +99,7 @@ def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, A
         raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
                         f"pick one from `search front {run_dir}`")
     policy = Policy.load(trial_dir / "policy.yaml")
-    model = build(task.model, policy, task.example)
+    model = build(task.model, policy, task.example, task.train)
     if all(lp.is_identity for lp in policy.layers.values()):
         pass  # the uncompressed model: the task's own weights
     elif (trial_dir / "model.pt").exists():

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from search.policy import Policy
+from search.policy import LayerPolicy, Policy
 
 
 @dataclass(frozen=True)
@@ -155,20 +155,25 @@ def _kib(n: int) -> str:
 
 
 def policy_summary(policy: dict[str, dict[str, Any]]) -> str:
-    """Per-layer text: r=rank ratio, s=sparsity, b=bits, p=pruned, k=shared-value bits."""
+    """Per-layer text: r=rank ratio (t=soft threshold, sp=spatial split), s=sparsity
+    (/taylor, /fisher importance), b=bits or fp16/bf16, p=pruned, nm=N:M, k=shared-value bits."""
     parts = []
-    for name, lp in policy.items():
+    for name, raw in policy.items():
+        lp = LayerPolicy(**raw)
         bits = []
-        if lp["rank"] < 1:
-            bits.append(f"r{lp['rank']:g}" + ("sp" if lp.get("split") == "spatial" else ""))
-        if lp["sparsity"] > 0:
-            bits.append(f"s{lp['sparsity']:g}")
-        if lp["bits"] != 32:
-            bits.append(f"b{lp['bits']}")
-        if lp.get("prune", 0) > 0:
-            bits.append(f"p{lp['prune']:g}")
-        if lp.get("share", 0):
-            bits.append(f"k{lp['share']}")
+        if lp.factorized:
+            bits.append((f"t{lp.threshold:g}" if lp.threshold > 0 else f"r{lp.rank:g}")
+                        + ("sp" if lp.split == "spatial" else ""))
+        if lp.sparsity > 0:
+            bits.append(f"s{lp.sparsity:g}" + ("" if lp.importance == "l2" else lp.importance))
+        if lp.bits != 32:
+            bits.append(lp.half if lp.bits == 16 else f"b{lp.bits}")
+        if lp.prune > 0:
+            bits.append(f"p{lp.prune:g}")
+        if lp.nm != "off":
+            bits.append(lp.nm)
+        if lp.share:
+            bits.append(f"k{lp.share}")
         if bits:
             parts.append(f"{name}:{'/'.join(bits)}")
     return " ".join(parts) or "uncompressed"

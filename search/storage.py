@@ -67,3 +67,11 @@ def weight_bytes(weight: torch.Tensor, value_bits: int, index_bits: int) -> int:
         value_part = entries * value_bits
     sparse = (index_part + value_part + codebooks + 7) // 8
     return min(dense, sparse)
+
+
+def nm_bytes(weight: torch.Tensor, n: int, m: int, value_bits: int) -> int:
+    """Bytes of an N:M-sparse weight in the format sparse tensor cores read: the N kept values
+    of each group of M, plus a ceil(log2 M)-bit position for each."""
+    groups = -(-weight.numel() // m)
+    index_bits = max(1, (m - 1).bit_length())
+    return (groups * n * (value_bits + index_bits) + 7) // 8

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from search.compile import Compiler, to_relax
-from search.compress import ModelStats, apply_precision, model_stats, restructure
+from search.compress import ModelStats, apply_precision, model_stats, output_tolerance, restructure
 from search.config import SearchConfig
 from search.errors import TrialFailed
-from search.finetune import distill, evaluate, teacher_logits
+from search.finetune import attach_training_transforms, distill, evaluate, teacher_logits
 from search.measure import Latency, run_and_time
 from search.policy import LayerPolicy, LayerSpace, Policy, derive_space, uniform
 from search.target import TargetSpec
@@ -71,10 +71,12 @@ class Evaluator:
                  ) -> tuple[TrialResult, nn.Module]:
         task = self.task
         start = time.perf_counter()
-        model = restructure(task.model, policy, task.example)
+        model = restructure(task.model, policy, task.example, task.train)
         if any(not lp.is_identity for lp in policy.layers.values()):
-            distill(model, self.teacher, task.train, self.config.finetune_steps,
-                    seed=self.config.seed)
+            options = self.config.finetune_options()
+            penalized = attach_training_transforms(model, policy, options)
+            distill(model, self.teacher, task.train, options, seed=self.config.seed,
+                    penalized=penalized)
         model = apply_precision(model, policy)
         accuracy = evaluate(model, task.val, task.metric)
         finetune_s = time.perf_counter() - start
@@ -85,10 +87,9 @@ class Evaluator:
             reference = model(task.example)
         compiled = self.compiler.compile(to_relax(model, task.example), progress)
         compile_s = time.perf_counter() - start
-        half = any(lp.bits == 16 for lp in policy.layers.values())
         latency = run_and_time(compiled.executable, task.example, reference,
                                self.target.measurement, self.target.device(),
-                               atol=5e-2 if half else 1e-3)
+                               atol=output_tolerance(policy))
         source = latency_source(self.target.name, compiled.tuned, compiled.tasks,
                                 latency.emulated_by)
         return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
@@ -195,6 +196,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "tuning_s": round(result.tuning_s, 2),
             "kernels": result.kernels,
             "new_kernels": result.new_kernels,
+            "precisions": sorted({lp.precision for lp in policy.layers.values()} | {"fp32"}),
+            "software_precisions": evaluator.target.software_precisions(policy),
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -211,7 +214,7 @@ def run_study(run_dir: Path, task: Task, target: TargetSpec, compiler: Compiler,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
               progress: Any | None = None) -> optuna.Study:
     """Create (or resume) the study and run trials until `config.trials` have finished."""
-    space = derive_space(task.model, task.example)
+    space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
     (run_dir / "space.json").write_text(json.dumps([asdict(s) for s in space], indent=1))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(run_dir, config.seed, config.startup_trials, create=not resume)

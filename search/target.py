@@ -76,6 +76,29 @@ class TargetSpec:
             spec.setdefault("num-cores", self.threads)
         return tvm.target.Target(spec)
 
+    def hardware_precisions(self) -> dict[str, bool]:
+        """Which 16-bit float and int8 dot-product arithmetic the target's CPU has (LLVM's
+        feature list for the target). Where it has none, LLVM emulates the precision with
+        conversions to fp32, which is slower: the search measures it, and the result says so."""
+        from tvm.target.codegen import target_has_features
+
+        target = self.tvm()
+        arm = "aarch64" in str(target.attrs.get("mtriple", "")) or "arm" in str(target.keys)
+
+        def has(*features: str) -> bool:
+            return any(target_has_features(f, target) for f in features)
+
+        if arm:
+            return {"fp16": has("fullfp16"), "bf16": has("bf16"), "int8-dot": has("dotprod")}
+        return {"fp16": has("avx512fp16"), "bf16": has("avx512bf16", "amx-bf16"),
+                "int8-dot": has("avx512vnni", "avxvnni")}
+
+    def software_precisions(self, policy: Any) -> list[str]:
+        """The 16-bit precisions a policy uses that this target computes in software."""
+        native = self.hardware_precisions()
+        used = {lp.half for lp in policy.layers.values() if lp.bits == 16}
+        return sorted(p for p in used if not native.get(p, False))
+
     def db_key(self) -> str:
         """A stable id of the compiled-for target: the tuning database is kept per key."""
         text = json.dumps(str(self.tvm()), sort_keys=True)

@@ -3,19 +3,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from search.channels import round_channels
 from search.compress import build
-from search.policy import LayerPolicy, Policy, derive_space, round_channels, uniform
+from search.policy import LayerPolicy, Policy, derive_space, uniform
 
 
 def test_space_is_derived_from_the_model(tiny_task):
     space = {s.name: s for s in derive_space(tiny_task.model, tiny_task.example)}
     assert list(space) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     # the output layer keeps its 10 classes; a layer feeding one consumer may lose channels
-    assert space["fc3"].sparsities == (0.0,)
-    assert space["conv1"].sparsities[0] == 0.0 and len(space["conv1"].sparsities) > 1
+    assert space["fc3"].choices("sparsity") == (0.0,)
+    conv1 = space["conv1"].choices("sparsity")
+    assert conv1[0] == 0.0 and len(conv1) > 1
     # conv2 (32->64, 3x3) factorizes into fewer parameters; fc3 (64->10) cannot
-    assert len(space["conv2"].ranks) > 1 and space["fc3"].ranks == (1.0,)
-    assert all(s.bits == (32, 16, 8) for s in space.values())
+    assert len(space["conv2"].choices("rank")) > 1 and space["fc3"].choices("rank") == (1.0,)
+    assert all(s.choices("bits") == (32, 16, 8) for s in space.values())  # by default
 
 
 def test_channel_rounding_is_a_multiple_of_8():
@@ -40,7 +42,8 @@ def test_policy_round_trips_through_yaml_and_rebuilds_the_same_model(tiny_task):
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 0.0}, {"rank": 1.5}, {"sparsity": 1.0},
-                                    {"bits": 4}])
+                                    {"bits": 3}, {"nm": "4:2"},
+                                    {"half": "fp8"}, {"threshold": 1.0}])
 def test_invalid_layer_policies_are_rejected(kwargs):
     with pytest.raises(ValueError):
         LayerPolicy(**kwargs)

@@ -1,0 +1,155 @@
+"""The issue-4 knobs one by one: what each does to the weights, the stored size and the
+fine-tune (soft-threshold rank, N:M, int4/ternary/binary, bf16, QAT, DropConnect, elastic net)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from search.compress import Half, apply_precision, build, model_stats, restructure
+from search.finetune import FinetuneOptions, attach_training_transforms, distill, teacher_logits
+from search.policy import LayerPolicy, Policy, derive_space, soft_threshold_rank, threshold_rank
+from search.quantize import nm_mask, quantize
+from search.target import load_target
+
+
+def stats(task, policy):
+    return model_stats(build(task.model, policy, task.example), policy, task.example)
+
+
+def test_soft_thresholding_keeps_the_dominant_directions_and_is_a_fixed_point():
+    spiky = torch.tensor([10.0, 9.0, 8.0] + [0.1] * 61)
+    flat = torch.linspace(1.0, 0.5, 64)
+    assert soft_threshold_rank(spiky, 0.5) == 3
+    assert soft_threshold_rank(flat, 0.5) == 64  # same threshold, a flat spectrum keeps all
+    for tau in (0.2, 0.5, 0.8):  # at the fixed point the survivors survive their own threshold
+        k = soft_threshold_rank(spiky, tau)
+        assert (spiky[:k] - tau * spiky[:k].mean() > 0).all()
+    ranks = [soft_threshold_rank(torch.logspace(0, -3, 64), t) for t in (0.2, 0.4, 0.6, 0.8)]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1]
+
+
+def test_a_threshold_policy_factorizes_to_the_thresholded_rank(tiny_task):
+    space = {s.name: s for s in derive_space(tiny_task.model, tiny_task.example)}
+    taus = space["fc1"].choices("threshold")
+    assert taus[0] == 0.0 and len(taus) > 1
+    tau = taus[-1]
+    policy = Policy({"fc1": LayerPolicy(threshold=tau)})
+    model = build(tiny_task.model, policy, tiny_task.example)
+    assert isinstance(model.fc1, nn.Sequential)
+    assert model.fc1[0].out_features == threshold_rank(tiny_task.model.fc1, tau)
+    assert stats(tiny_task, policy).params < stats(tiny_task, Policy()).params
+
+
+def test_threshold_is_searched_only_when_asked(tiny_task):
+    space = derive_space(tiny_task.model, tiny_task.example, knobs=["rank", "bits"])
+    assert all(s.choices("threshold") == (0.0,) and s.choices("sparsity") == (0.0,)
+               for s in space)
+
+
+def test_n_m_sparsity_keeps_n_of_every_m_through_the_fine_tune(tiny_task):
+    w = torch.randn(8, 12)
+    mask = nm_mask(w, 2, 4)
+    assert (mask.reshape(8, 3, 4).sum(dim=2) == 2).all()
+    kept = (w.abs() * mask).reshape(8, 3, 4)
+    dropped = (w.abs() * ~mask).reshape(8, 3, 4)
+    assert (kept.max(dim=2).values >= dropped.max(dim=2).values).all()  # the largest stay
+
+    policy = Policy({"fc1": LayerPolicy(nm="2:4")})
+    model = restructure(tiny_task.model, policy, tiny_task.example)
+    distill(model, teacher_logits(tiny_task.model, tiny_task.train[0]), tiny_task.train,
+            FinetuneOptions(steps=5))
+    model = apply_precision(model, policy)
+    groups = (model.fc1.weight != 0).reshape(64, -1, 4).sum(dim=2)
+    assert (groups <= 2).all()
+    dense, sparse = stats(tiny_task, Policy()), model_stats(model, policy, tiny_task.example)
+    fc1 = 4096 * 64  # 32-bit values -> half of them at 32 bits + a 2-bit index each
+    assert dense.size_bytes - sparse.size_bytes == fc1 * 4 - fc1 // 2 * (32 + 2) // 8
+
+
+@pytest.mark.parametrize("bits, levels", [(8, 255), (4, 15), (2, 3), (1, 2)])
+def test_low_bit_weights_have_that_many_values_per_channel(bits, levels):
+    torch.manual_seed(0)
+    w = torch.randn(16, 300)
+    q = quantize(w, bits)
+    assert all(len(torch.unique(row)) <= levels for row in q)
+    assert (torch.sign(q) * torch.sign(w) >= 0).all()  # never flips a sign
+    if bits == 1:
+        assert torch.allclose(q.abs(), w.abs().mean(dim=1, keepdim=True).expand_as(q))
+
+
+def test_fewer_bits_store_fewer_bytes(tiny_task):
+    sizes = [stats(tiny_task, Policy({"fc1": LayerPolicy(bits=b)})).size_bytes
+             for b in (32, 16, 8, 4, 2, 1)]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 6
+    fc1 = 4096 * 64
+    assert sizes[0] - sizes[5] == fc1 * 4 - fc1 // 8 - 64 * 4  # 1 bit + an fp32 scale/channel
+
+
+def test_low_rank_factors_are_quantized_too(tiny_task):
+    low = Policy({"fc1": LayerPolicy(rank=0.25)})
+    both = Policy({"fc1": LayerPolicy(rank=0.25, bits=4)})
+    model = build(tiny_task.model, both, tiny_task.example)
+    for factor in model.fc1:
+        assert all(len(torch.unique(row)) <= 15 for row in factor.weight)
+    assert stats(tiny_task, both).size_bytes < stats(tiny_task, low).size_bytes
+
+
+def test_bf16_layers_compute_in_bf16_and_the_target_says_where_that_is_software(tiny_task):
+    policy = Policy({"fc1": LayerPolicy(bits=16, half="bf16")})
+    model = build(tiny_task.model, policy, tiny_task.example)
+    assert isinstance(model.fc1, Half) and model.fc1.layer.weight.dtype == torch.bfloat16
+    assert LayerPolicy(bits=16, half="bf16").precision == "bf16"
+    pi4 = load_target("raspberry-pi")  # Cortex-A72: no fp16 arithmetic, no bf16
+    assert pi4.software_precisions(policy) == ["bf16"]
+    assert pi4.software_precisions(Policy({"fc1": LayerPolicy(bits=16)})) == ["fp16"]
+    assert load_target("raspberry-pi-5").software_precisions(
+        Policy({"fc1": LayerPolicy(bits=16)})) == []
+
+
+def test_quantization_aware_fine_tune_trains_through_the_quantizer(tiny_task):
+    policy = Policy({"fc1": LayerPolicy(bits=2)})
+    teacher = teacher_logits(tiny_task.model, tiny_task.train[0])
+    accs = {}
+    for qat in (False, True):
+        model = restructure(tiny_task.model, policy, tiny_task.example)
+        options = FinetuneOptions(steps=40, qat=qat)
+        attach_training_transforms(model, policy, options)
+        before = model.fc1.weight.detach().clone()
+        if qat:  # the forward pass already sees ternary weights
+            assert len(torch.unique(before[0])) <= 3
+        distill(model, teacher, tiny_task.train, options)
+        model = apply_precision(model, policy)
+        assert all(len(torch.unique(row)) <= 3 for row in model.fc1.weight)
+        x, y = tiny_task.val
+        accs[qat] = float((model(x).argmax(1) == y).float().mean())
+    assert accs[True] >= accs[False] - 0.02  # training through the quantizer does not hurt
+
+
+def test_dropconnect_is_random_in_training_and_off_in_evaluation(tiny_task):
+    policy = Policy({"fc1": LayerPolicy(rank=0.5)})
+    model = restructure(tiny_task.model, policy, tiny_task.example)
+    attach_training_transforms(model, policy, FinetuneOptions(dropconnect=0.5, qat=False))
+    x = tiny_task.val[0][:4]
+    model.train()
+    model.drop = nn.Identity()  # only the weight noise remains
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model = apply_precision(model, policy)
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+def test_elastic_net_penalty_shrinks_the_compressed_weights(tiny_task):
+    policy = Policy({"fc1": LayerPolicy(rank=0.5)})
+    teacher = teacher_logits(tiny_task.model, tiny_task.train[0])
+    norms = []
+    for l1 in (0.0, 1e-3):
+        model = restructure(tiny_task.model, policy, tiny_task.example)
+        options = FinetuneOptions(steps=30, qat=False, l1=l1, l2=l1)
+        penalized = attach_training_transforms(model, policy, options)
+        assert len(penalized) == 2  # both factors of fc1, nothing else
+        distill(model, teacher, tiny_task.train, options, penalized=penalized)
+        norms.append(sum(float(m.weight.detach().abs().sum()) for m in model.fc1))
+    assert norms[1] < norms[0]
