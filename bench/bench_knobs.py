@@ -15,21 +15,30 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from search.compile import Compiler, to_relax  # noqa: E402
-from search.compress import apply_precision, model_stats, output_tolerance, restructure  # noqa: E402,E501
-from search.finetune import FinetuneOptions, distill, evaluate, teacher_logits  # noqa: E402
-from search.measure import run_and_time  # noqa: E402
+from search.compile import Compiler  # noqa: E402
+from search.config import SearchConfig  # noqa: E402
 from search.policy import Policy, derive_space, uniform  # noqa: E402
-from search.study import latency_source  # noqa: E402
+from search.study import Evaluator  # noqa: E402
 from search.target import load_target  # noqa: E402
 from search.task import digits_resnet  # noqa: E402
 
-SETTINGS = [
+SETTINGS = [  # (row name, uniform policy): each knob at two strengths
     ("rank 0.5", {"rank": 0.5}), ("rank 0.125", {"rank": 0.125}),
-    ("sparsity 0.25", {"sparsity": 0.25}), ("sparsity 0.75", {"sparsity": 0.75}),
-    ("bits 16", {"bits": 16}), ("bits 8", {"bits": 8}),
-    ("prune 0.5", {"prune": 0.5}), ("prune 0.9", {"prune": 0.9}),
-    ("share 4", {"share": 4}), ("share 2", {"share": 2}),
+    ("threshold 0.4 (soft-threshold rank)", {"threshold": 0.4}),
+    ("threshold 0.8", {"threshold": 0.8}),
+    ("split 0.25 (kx1 + 1xk)", {"rank": 0.25, "split": "spatial"}),
+    ("sparsity 0.25 (channels, l2)", {"sparsity": 0.25}),
+    ("sparsity 0.75 (channels, l2)", {"sparsity": 0.75}),
+    ("sparsity 0.5, taylor importance", {"sparsity": 0.5, "importance": "taylor"}),
+    ("sparsity 0.5, fisher importance", {"sparsity": 0.5, "importance": "fisher"}),
+    ("bits 16 (fp16 compute)", {"bits": 16}), ("bits 16 (bf16 compute)", {"bits": 16,
+                                                                         "half": "bf16"}),
+    ("bits 8 (int8 weight storage)", {"bits": 8}), ("bits 4 (int4 storage)", {"bits": 4}),
+    ("bits 2 (ternary)", {"bits": 2}), ("bits 1 (binary)", {"bits": 1}),
+    ("rank 0.25 + int4 factors", {"rank": 0.25, "bits": 4}),
+    ("prune 0.5 (unstructured)", {"prune": 0.5}), ("prune 0.9", {"prune": 0.9}),
+    ("nm 2:4", {"nm": "2:4"}), ("nm 1:4", {"nm": "1:4"}),
+    ("share 4 (16 shared values)", {"share": 4}), ("share 2 (4 shared values)", {"share": 2}),
 ]
 
 
@@ -43,32 +52,24 @@ def main() -> None:
     torch.set_num_threads(1)
     target = load_target(args.target)
     task = digits_resnet()
-    space = derive_space(task.model, task.example)
-    teacher = teacher_logits(task.model, task.train[0])
+    space = derive_space(task.model, task.example, choices={})  # every value of every knob
+    config = SearchConfig(finetune_steps=args.steps)  # the study's standard fine-tune (QAT on)
     compiler = Compiler(target, Path(tempfile.mkdtemp()) / "db", args.tune_trials)
+    evaluate = Evaluator(task, target, compiler, config)
 
     def measure(policy: Policy, name: str) -> tuple[str, float, int, float, str]:
-        model = restructure(task.model, policy, task.example, task.train)
-        if policy != Policy():
-            distill(model, teacher, task.train, FinetuneOptions(steps=args.steps))
-        model = apply_precision(model, policy)
-        acc = evaluate(model, task.val, task.metric)
-        size = model_stats(model, policy, task.example).size_bytes
-        with torch.no_grad():
-            ref = model(task.example)
-        c = compiler.compile(to_relax(model, task.example))
-        lat = run_and_time(c.executable, task.example, ref, target.measurement,
-                           atol=output_tolerance(policy)).median_ms
-        return name, acc, size, lat, latency_source(target.name, c.tuned, c.tasks)
+        result, _ = evaluate(policy)
+        return (name, result.accuracy, result.stats.size_bytes, result.latency.median_ms,
+                result.latency_source)
 
     base = measure(Policy(), "uncompressed")
     rows = [measure(uniform(space, **kw), name) for name, kw in SETTINGS]
     print(f"task {task.name} on {target.name}; {args.steps} fine-tune steps; latency median, "
           f"{args.tune_trials} MetaSchedule trials per kernel")
-    print(f"{'knob (every layer it applies to)':<34} {'accuracy':>9} {'Δ points':>9} "
+    print(f"{'knob (every layer it applies to)':<36} {'accuracy':>9} {'Δ points':>9} "
           f"{'bytes':>10} {'size ratio':>10} {'ms':>8} {'speed ratio':>11}  source")
     for name, acc, size, lat, src in [base, *rows]:
-        print(f"{name:<34} {100 * acc:>8.2f}% {100 * (acc - base[1]):>+9.2f} {size:>10,} "
+        print(f"{name:<36} {100 * acc:>8.2f}% {100 * (acc - base[1]):>+9.2f} {size:>10,} "
               f"{size / base[2]:>10.3f} {lat:>8.3f} {base[3] / lat:>10.2f}x  {src}")
 
 

@@ -141,10 +141,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_targets(args: argparse.Namespace) -> int:
     from search.target import available, load_target
 
+    print(f"{'target':<16} {'reached':<26} {'hardware arithmetic':<24} description")
     for name in available():
         t = load_target(name)
         reach = "needs --rpc or --tracker" if t.cross_compiler and t.device().local else t.reach
-        print(f"{name:<16} {reach:<32} {t.description}")
+        hw = " ".join(p for p, native in t.hardware_precisions().items() if native) or "fp32"
+        print(f"{name:<16} {reach:<26} {hw:<24} {t.description}")
+    print("(16-bit floats without hardware arithmetic run emulated through fp32: slower; a "
+          "trial using one lists it under software_precisions)")
     return 0
 
 

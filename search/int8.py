@@ -1,8 +1,9 @@
-"""Real int8 Linear layers: calibrated activations, int8 x int8 -> int32 kernels in the TVM graph.
+"""Real int8 Linear layers: calibrated activations, int8 x int8 -> int32 kernels in TVM.
 
-Pipeline: `calibrate` (post-training: a few batches through torch.ao observers) -> `quantize_linears`
-(nn.Linear -> Int8Linear, whose torch forward is the exact reference of the kernel) -> `to_relax`
--> `lower_int8` (rewrites what the frontend makes of Int8Linear into int8 kernels) -> tuning.
+Pipeline: `calibrate` (post-training: a few batches through torch.ao observers) ->
+`quantize_linears` (nn.Linear -> Int8Linear, whose torch forward is the exact reference of the
+kernel) -> `to_relax` -> `lower_int8` (rewrites what the frontend makes of Int8Linear into int8
+kernels) -> tuning.
 
 What the frontend makes of Int8Linear: `astype(uint8) -> astype(int32)`, the int8 weight
 `astype(int32) -> permute_dims`, and `matmul(int32, int32, out_dtype="float32")`, i.e. an fp32
@@ -300,7 +301,8 @@ def _make_rewriter() -> type:
             n16 = -(-n // 16) * 16
             wp = np.zeros((n16, k), np.int8)
             wp[:n] = w
-            packed = np.ascontiguousarray(wp.reshape(n16 // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
+            packed = np.ascontiguousarray(
+                wp.reshape(n16 // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
             bb = self.builder_
             x3 = bb.emit(relax.op.reshape(x, (m, k // 4, 4)))
 

@@ -81,6 +81,9 @@ def test_help_teaches():
         assert word in result.stdout
 
 
-def test_targets_lists_host():
+def test_targets_lists_each_device_with_its_hardware_arithmetic():
     result = search_cli("targets")
-    assert result.returncode == 0 and result.stdout.startswith("host")
+    assert result.returncode == 0
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    assert {"host", "raspberry-pi", "raspberry-pi-5"} <= set(rows)
+    assert "fp16" not in rows["raspberry-pi"] and "int8-dot" in rows["raspberry-pi-5"]
