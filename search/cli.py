@@ -20,7 +20,11 @@ examples:
   search export runs/host-5ms 7                  # ONNX + TVM library + policy of trial 7
   search run --target raspberry-pi --rpc 192.168.1.20:9090 --budget 20ms
   search run --target raspberry-pi --tracker 10.0.0.2:9190 --key rpi4b
+  search run --target host --budget 5ms --workers 2   # two trial workers, one study
+  search run --storage postgresql://u:pw@db/search --study nightly --target host --budget 5ms
+  search worker nightly --storage postgresql://u:pw@db/search   # on more machines
   search targets                                 # devices this checkout knows
+  search sweep configs/nightly.yaml              # nightly jobs + dated report; exit 3: regression
   optuna-dashboard sqlite:///runs/host-5ms/study.db   # browse every trial
 """
 
@@ -60,6 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--key", help="the tracker key of the device pool")
     run.add_argument("--resume", action="store_true",
                      help="continue the study in --out; its finished trials are kept")
+    run.add_argument("--workers", type=int, default=1,
+                     help="trial workers on this machine sharing the study (fine-tunes run in "
+                          "parallel; tuning and timing take turns on the device) [default: 1]")
+    run.add_argument("--storage", metavar="URL",
+                     help="an Optuna RDB storage shared with workers on other machines, e.g. "
+                          "postgresql://user:pw@db/search [default: RUN_FOLDER/study.db]")
+    run.add_argument("--study", help="study name in --storage [default: the run folder's name]")
+
+    worker = sub.add_parser(
+        "worker", help="join a study on a shared storage and run its trials",
+        description="Join a study made by `search run --storage URL` (its settings come from "
+                    "the storage) and run trials until it has enough. Start as many as you "
+                    "like, on any machine that can reach the storage and the device.")
+    worker.add_argument("study", help="study name (`search run --study`, or its run folder name)")
+    worker.add_argument("--storage", required=True, metavar="URL", help="the Optuna RDB URL")
+    worker.add_argument("--out", type=Path,
+                        help="folder for this worker's trial files [default: runs/STUDY]")
+    worker.add_argument("--worker-id", type=int, default=0,
+                        help="offsets the sampler seed so workers propose different trials")
+    worker.add_argument("--rpc", metavar="HOST:PORT", help="this worker's device (overrides)")
+    worker.add_argument("--tracker", metavar="HOST:PORT", help="this worker's tracker")
+    worker.add_argument("--key", help="the tracker key")
 
     front = sub.add_parser("front", help="print a run's Pareto front table")
     front.add_argument("run_dir", type=Path)
@@ -71,6 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="[default: RUN_DIR/export/trial_N]")
 
     sub.add_parser("targets", help="list the devices a run can target, and how each is reached")
+
+    sweep = sub.add_parser(
+        "sweep", help="run a list of (task, target, budget) jobs and report how fronts moved",
+        description="Run every job of a sweep file as a normal run in OUT/DATE/JOB, write\n"
+                    "OUT/DATE/report.md and report.json, and compare each front with the job's\n"
+                    "front in the most recent earlier sweep (the rule: search/sweep.py).",
+        epilog="exit codes:\n"
+               "  0  no regression and no failed job\n"
+               "  2  bad sweep file (one line), nothing run\n"
+               "  3  a front point regressed: slower or less accurate beyond noise (printed)\n"
+               "  4  a job failed (one line each; wins over 3)\n"
+               "example:\n  search sweep configs/nightly.yaml --date 2025-01-31",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("sweep_file", type=Path, help="sweep YAML, e.g. configs/nightly.yaml")
+    sweep.add_argument("--date", help="the sweep's folder name, YYYY-MM-DD [default: today]")
     return p
 
 
@@ -78,6 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from search.config import SearchConfig, parse_duration_ms, parse_timeout_s
     from search.front import table
     from search.run import RunInfo, prepare, search
+    from search.study import redact
 
     if args.resume and args.out is None:
         raise UserError("--resume needs --out RUN_FOLDER (the folder of the run to continue)")
@@ -97,10 +139,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.timeout = parse_timeout_s(args.timeout)
     if args.seed is not None:
         config.seed = args.seed
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    storage = args.storage or (info.storage if args.resume else None)
+    study = args.study or (info.study if args.resume else None)
     target, info = prepare(target_name, budget_ms, config, out, resume=args.resume,
-                           device=device)
+                           device=device, storage=storage, study=study)
     try:
-        data = search(out, target, info, args.resume)
+        data = search(out, target, info, args.resume, workers=args.workers)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished trials are kept. Continue with: "
               f"search run --out {out} --resume", file=sys.stderr)
@@ -109,8 +155,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t = data["tuning"]
     print(f"tuning: {t['kernels_tuned']} new kernels, {t['seconds']:.0f} s "
           f"({t['trials_per_kernel']} MetaSchedule trials each; database {t['database']})")
-    print(f"run folder {out}: front.json, front.csv, pareto.png, front/*.yaml, study.db "
-          f"(optuna-dashboard sqlite:///{out}/study.db); wall time {data['wall_s']:.0f} s")
+    print(f"run folder {out}: front.json, front.csv, pareto.png, front/*.yaml; study: "
+          f"optuna-dashboard {redact(info.url(out))}; wall time {data['wall_s']:.0f} s")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from search.run import run_worker
+
+    device = {k: v for k, v in (("rpc", args.rpc), ("tracker", args.tracker),
+                                ("key", args.key)) if v}
+    out = args.out or Path("runs") / args.study
+    done = run_worker(args.study, args.storage, out, args.worker_id, device)
+    print(f"worker {args.worker_id}: {done} trials finished; files in {out}")
     return 0
 
 
@@ -138,6 +195,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from search.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig.load(args.sweep_file)
+    try:
+        result = run_sweep(cfg, args.date)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished jobs are kept in their run folders", file=sys.stderr)
+        return 130
+    for jr, reg in result.regressions:
+        print(f"REGRESSION {jr.job.name} (since {jr.moved.date if jr.moved else '?'}): "
+              f"{reg.text()}")
+    for jr in result.failed:
+        print(f"search: job {jr.job.name} failed: {jr.error}", file=sys.stderr)
+    print(f"report: {result.folder / 'report.md'} ({len(result.regressions)} regression(s), "
+          f"{len(result.failed)} failed job(s))")
+    return result.exit_code()
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from search.target import available, load_target
 
@@ -157,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree notices
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     handler = {"run": _cmd_run, "front": _cmd_front, "export": _cmd_export,
-               "targets": _cmd_targets}[args.command]
+               "targets": _cmd_targets, "worker": _cmd_worker,
+               "sweep": _cmd_sweep}[args.command]
     try:
         return handler(args)
     except UserError as exc:

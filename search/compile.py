@@ -97,7 +97,6 @@ class Compiler:
                  log_dir: Path | None = None, seed: int = 0,
                  budget_s: float | None = None) -> None:
         light_tensor_intrinsics()
-        from tvm.s_tir import meta_schedule as ms
 
         self.spec = target
         self.device = target.device()
@@ -108,13 +107,19 @@ class Compiler:
         db_dir.mkdir(parents=True, exist_ok=True)
         self.db_dir = db_dir
         self.log_dir = log_dir or db_dir / "logs"
-        self.database = ms.database.JSONDatabase(
-            path_workload=str(db_dir / "workloads.json"),
-            path_tuning_record=str(db_dir / "records.json"))
+        self.database = self._open_database()
         self.tuning_s_total = 0.0
         self.tasks_tuned_total = 0
         self._builder: Any = None
         self._runner: Any = None
+
+    def _open_database(self) -> Any:
+        """The target's tuning records as on disk now (other workers may have added some)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.database.JSONDatabase(
+            path_workload=str(self.db_dir / "workloads.json"),
+            path_tuning_record=str(self.db_dir / "records.json"))
 
     def _workers(self) -> tuple[Any, Any]:
         """Builder and runner, created once: each spawns a process that imports TVM (~3 s)."""
@@ -174,10 +179,18 @@ class Compiler:
         )
 
     def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
-        """Tune the module's new workloads (if tuning is on), then build with the database."""
+        """Tune the module's new workloads (if tuning is on), then build with the database.
+        Holds the database's lock throughout: parallel workers share it."""
+        from search.lock import file_lock
+
+        with file_lock(self.db_dir / ".lock"):
+            return self._compile(mod, progress)
+
+    def _compile(self, mod: Any, progress: Any | None) -> Compiled:
         from tvm.s_tir import meta_schedule as ms
 
         try:
+            self.database = self._open_database()  # records tuned by parallel workers too
             fused = _fused(mod, self.target)
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
             # single-trial tasks (reshapes) have nothing to tune but still get a record

@@ -58,7 +58,9 @@ def pareto(points: list[Point]) -> list[Point]:
 
 
 def failures_of(study: optuna.Study) -> list[dict[str, Any]]:
-    return [{"trial": t.number, "reason": t.user_attrs.get("fail_reason", "unknown")}
+    return [{"trial": t.number,
+             "reason": t.user_attrs.get("fail_reason", "its worker stopped (no heartbeat); "
+                                                        "retried as a new trial")}
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
 
 

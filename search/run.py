@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,16 @@ from search.compile import Compiler
 from search.config import SearchConfig
 from search.errors import UserError
 from search.front import write_front
-from search.study import finished_count, open_study, run_study
+from search.study import (
+    STUDY_NAME,
+    finished_count,
+    open_storage,
+    open_study,
+    prepare_study,
+    redact,
+    storage_url,
+    work,
+)
 from search.target import TargetSpec, load_target
 from search.task import Task, cache_dir, load_task, resolve_entry_point
 
@@ -32,14 +46,28 @@ class RunInfo:
     budget_ms: float
     config: SearchConfig
     device: dict[str, str | None] = dataclasses.field(default_factory=dict)  # --rpc etc.
+    storage: str | None = None  # an Optuna RDB URL shared by workers; None: run_dir/study.db
+    study: str = STUDY_NAME
 
     def load_target(self) -> TargetSpec:
         return load_target(self.target).with_device(**self.device)
 
+    def url(self, run_dir: Path) -> str:
+        return storage_url(run_dir, self.storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "budget_ms": self.budget_ms,
+                "config": dataclasses.asdict(self.config), "device": self.device,
+                "storage": self.storage, "study": self.study}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunInfo:
+        return cls(data["target"], float(data["budget_ms"]), SearchConfig(**data["config"]),
+                   data.get("device") or {}, data.get("storage"),
+                   data.get("study") or STUDY_NAME)
+
     def save(self, run_dir: Path) -> None:
-        data = {"target": self.target, "budget_ms": self.budget_ms,
-                "config": dataclasses.asdict(self.config), "device": self.device}
-        (run_dir / "run.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        (run_dir / "run.yaml").write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, run_dir: Path) -> RunInfo:
@@ -47,9 +75,7 @@ class RunInfo:
         if not path.exists():
             raise UserError(f"{str(run_dir)!r} is not a run folder (no run.yaml); "
                             f"pass the --out folder of a `search run`")
-        data = yaml.safe_load(path.read_text())
-        return cls(data["target"], float(data["budget_ms"]), SearchConfig(**data["config"]),
-                   data.get("device") or {})
+        return cls.from_dict(yaml.safe_load(path.read_text()))
 
 
 def setup_threads(target: TargetSpec) -> None:
@@ -62,15 +88,20 @@ def tuning_dir(target: TargetSpec) -> Path:
     return cache_dir() / "tuning" / target.db_key()
 
 
-def check_out_dir(run_dir: Path, resume: bool) -> None:
-    """Fail before any work if the folder would lose a study or cannot be written."""
+MIN_FREE_BYTES = 1 << 30  # a run keeps the fine-tuned weights of its trials until the front
+
+
+def check_out_dir(run_dir: Path, resume: bool, own_storage: bool = True,
+                  min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Fail before any work if the folder would lose a study, cannot be written, or has no
+    room for the trials' weights."""
     if resume:
-        if not (run_dir / "study.db").exists():
-            raise UserError(f"nothing to resume in {str(run_dir)!r} (no study.db); "
+        if not (run_dir / "run.yaml").exists() or (own_storage and
+                                                    not (run_dir / "study.db").exists()):
+            raise UserError(f"nothing to resume in {str(run_dir)!r} (no run.yaml/study.db); "
                             f"drop --resume to start a new run there")
-        return
-    if (run_dir / "study.db").exists():
-        raise UserError(f"{str(run_dir)!r} already holds a study; pass --resume to continue it, "
+    elif (run_dir / "study.db").exists() or (run_dir / "run.yaml").exists():
+        raise UserError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it, "
                         f"or --out NEW_FOLDER for a new run")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,70 +110,175 @@ def check_out_dir(run_dir: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write the run folder {str(run_dir)!r}: {exc.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise UserError(f"only {free / 2**20:,.0f} MiB free in {str(run_dir)!r}; a run needs "
+                        f"{min_free_bytes / 2**20:,.0f} MiB for its trials' weights: free "
+                        f"space or pass --out on another disk")
+
+
+def check_storage(url: str) -> None:
+    """An Optuna RDB URL that cannot be reached is a one-line error before any work."""
+    try:
+        open_storage(url)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"storage {redact(url)}: its database driver is not installed "
+                        f"({exc.name}); for PostgreSQL: pip install psycopg2-binary") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors are many; all mean the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open the study storage {redact(url)}: {first}") from None
 
 
 def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: Path,
-            resume: bool, device: dict[str, str | None] | None = None
+            resume: bool, device: dict[str, str | None] | None = None,
+            storage: str | None = None, study: str | None = None
             ) -> tuple[TargetSpec, RunInfo]:
     """All the checks that need no work: a bad input stops here with one line."""
-    info = RunInfo(target_name, budget_ms, config, device or {})
+    info = RunInfo(target_name, budget_ms, config, device or {}, storage,
+                   study or (run_dir.name if storage else STUDY_NAME))
     target = info.load_target()
     target.check()  # a device target: the device answers, before anything is trained
     resolve_entry_point(config.task)
     if config.trials < 1:
         raise UserError(f"trials must be at least 1, got {config.trials}")
-    check_out_dir(run_dir, resume)
+    check_out_dir(run_dir, resume, own_storage=storage is None)
+    if storage:
+        check_storage(storage)
     info.save(run_dir)
     return target, info
 
 
+def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path) -> Compiler:
+    return Compiler(target, tuning_dir(target), config.tune_trials_per_task,
+                    log_dir=run_dir / "tuning-logs", seed=config.seed,
+                    budget_s=config.tuning_budget_s)
+
+
 def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
-           show_progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study, then write and return the front."""
+           show_progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """Run (or resume) the study, in this process or in `workers` worker processes sharing
+    its storage, then write and return the front."""
     setup_threads(target)
     config = info.config
     say = print if show_progress else (lambda *a, **k: None)
     start = time.perf_counter()
     say(f"task {config.task}: loading (the default model trains once, then is cached) ...")
-    task: Task = load_task(config.task, **config.task_args)
-    compiler = Compiler(target, tuning_dir(target), config.tune_trials_per_task,
-                        log_dir=run_dir / "tuning-logs", seed=config.seed,
-                        budget_s=config.tuning_budget_s)
+    task: Task = load_task(config.task, **config.task_args)  # cached before workers start
     say(f"task {task.name} ready in {time.perf_counter() - start:.0f} s; tuning database "
-        f"{compiler.db_dir}")
+        f"{tuning_dir(target)}")
+    url = info.url(run_dir)
+    study, space = prepare_study(run_dir, task, config, url, info.study, resume,
+                                 info.to_dict(), own_storage=info.storage is None)
     trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,
                       disable=not show_progress, dynamic_ncols=True)
-    tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
-                    disable=not show_progress, dynamic_ncols=True)
+    trials_bar.update(min(finished_count(study), config.trials))
+    try:
+        if workers > 1:
+            run_workers(run_dir, info, workers, trials_bar, study)
+        else:
+            tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
+                            disable=not show_progress, dynamic_ncols=True)
+            try:
+                work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
+                     info.budget_ms, config, on_trial=progress_callback(trials_bar, info),
+                     progress=tune_bar)
+            finally:
+                tune_bar.close()
+    finally:
+        trials_bar.close()
+    data = write_front(run_dir, study, info.budget_ms, target.name)
+    data["reference"] = reference_latency(task, target)
+    data["tuning"] = tuning_summary(study, config, tuning_dir(target))
+    data["workers"] = workers
+    data["wall_s"] = round(time.perf_counter() - start, 1)
+    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
+    return data
+
+
+def progress_callback(bar: tqdm, info: RunInfo
+                      ) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Advance the trials bar and show the best point within the budget so far."""
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        trials_bar.update(1)
+        bar.update(1)
         best = [t for t in study.get_trials(deepcopy=False,
                                             states=(optuna.trial.TrialState.COMPLETE,))
                 if t.user_attrs["latency_ms"] <= info.budget_ms]
         if best:
             top = max(best, key=lambda t: (t.user_attrs["accuracy"], -t.user_attrs["latency_ms"]))
-            trials_bar.set_postfix_str(
+            bar.set_postfix_str(
                 f"best within budget: #{top.number} {100 * top.user_attrs['accuracy']:.1f}% "
                 f"{top.user_attrs['latency_ms']:.2f} ms")
 
+    return on_trial
+
+
+def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
+                study: optuna.Study) -> None:
+    """`workers` processes (`search worker`) on this machine, on the run's storage; this one
+    watches the study. A worker that fails is reported; the others go on."""
+    url = info.url(run_dir)
+    log_dir = run_dir / "worker-logs"
+    log_dir.mkdir(exist_ok=True)
+    procs = []
+    for i in range(workers):
+        log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed below
+        cmd = [sys.executable, "-m", "search", "worker", info.study, "--storage", url,
+               "--out", str(run_dir), "--worker-id", str(i)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     try:
-        if resume:
-            trials_bar.update(finished_count(open_study(run_dir, config.seed, 1, create=False)))
-        study = run_study(run_dir, task, target, compiler, info.budget_ms, config, resume,
-                          on_trial=on_trial, progress=tune_bar)
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(2)
+            bar.n = min(finished_count(study), bar.total)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            p.send_signal(signal.SIGINT)
+        for p, _ in procs:
+            p.wait(timeout=60)
+        raise
     finally:
-        tune_bar.close()
-        trials_bar.close()
-    data = write_front(run_dir, study, info.budget_ms, target.name)
-    data["reference"] = reference_latency(task, target)
-    data["tuning"] = {"seconds": round(compiler.tuning_s_total, 1),
-                      "kernels_tuned": compiler.tasks_tuned_total,
-                      "trials_per_kernel": config.tune_trials_per_task,
-                      "database": str(compiler.db_dir)}
-    data["wall_s"] = round(time.perf_counter() - start, 1)
-    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
-    return data
+        for _, log in procs:
+            log.close()
+    bad = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, None)]
+    if bad:
+        print(f"worker(s) {bad} stopped with an error; see {log_dir}", file=sys.stderr)
+
+
+def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
+               device: dict[str, str | None] | None = None) -> int:
+    """Join a study from its storage alone (its user attrs hold the run's settings) and run
+    trials until it has enough. Returns how many trials this worker finished."""
+    check_storage(url)
+    probe = open_study(url, study_name, 0, 1, create=False)
+    run = probe.user_attrs.get("run")
+    if not run:
+        raise UserError(f"study {study_name!r} was not made by `search run` (no run settings)")
+    info = RunInfo.from_dict(run)
+    if device:
+        info = dataclasses.replace(info, device={**info.device, **device})
+    target = info.load_target()
+    target.check()
+    setup_threads(target)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "run.yaml").exists():
+        info.save(run_dir)
+    config = dataclasses.replace(info.config, seed=info.config.seed + worker_id)
+    task = load_task(config.task, **config.task_args)
+    study, space = prepare_study(run_dir, task, config, url, study_name, resume=True,
+                                 run_info=run, own_storage=False)
+    before = finished_count(study)
+    work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
+         info.budget_ms, config)
+    return finished_count(study) - before
+
+
+def tuning_summary(study: optuna.Study, config: SearchConfig, db_dir: Path) -> dict[str, Any]:
+    """Tuning done for this run, summed over its trials (whichever worker ran them)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return {"seconds": round(sum(t.user_attrs.get("tuning_s", 0.0) for t in done), 1),
+            "kernels_tuned": sum(t.user_attrs.get("new_kernels", 0) for t in done),
+            "trials_per_kernel": config.tune_trials_per_task, "database": str(db_dir)}
 
 
 def reference_latency(task: Task, target: TargetSpec) -> dict[str, Any] | None:

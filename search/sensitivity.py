@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import textwrap
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -242,7 +243,7 @@ def empirical_fisher(model: nn.Module, names: list[str],
                     inputs[n].clear()
                     grads[n].clear()
                     continue
-                calls = list(zip(inputs[n], reversed(grads[n])))
+                calls = list(zip(inputs[n], reversed(grads[n]), strict=True))
                 rows = [_per_example_rows(m, a, g) for a, g in calls]
                 a = torch.cat([r[0] for r in rows], dim=1)  # a layer called twice: one sum
                 g = torch.cat([r[1] for r in rows], dim=1)
@@ -259,8 +260,8 @@ def empirical_fisher(model: nn.Module, names: list[str],
 
 def fisher_proxy(fisher: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
     """0.5 * sum F * (after - before)^2: the second-order estimate of the loss increase."""
-    d = after.float() - before.float()
-    return 0.5 * float(d.square_().mul_(fisher).sum(dtype=torch.float64))
+    d = after.detach().float() - before.detach().float()
+    return 0.5 * float(torch.dot(d.square_().reshape(-1), fisher.reshape(-1)))
 
 
 # --- the effective weight of a compressed layer -------------------------------------------
@@ -301,8 +302,8 @@ def top_svd(mat: torch.Tensor, q: int, seed: int = 0
         return u, s, vh.T
     gen = torch.Generator().manual_seed(seed)
     y = mat @ torch.randn(n, p, generator=gen)
-    for _ in range(SVD_POWER_ITERATIONS):  # no re-orthonormalization in between: at one
-        y = mat @ (mat.T @ y)  # iteration the kept directions' spread (s^3) stays in float32
+    for _ in range(SVD_POWER_ITERATIONS):  # NOTE: no QR in between; fine at one iteration
+        y = mat @ (mat.T @ y)  # (the kept directions' spread, s^3, stays within float32)
     basis, _ = torch.linalg.qr(y)
     b = basis.T @ mat  # p x n
     lam, e = torch.linalg.eigh(b @ b.T)
@@ -354,35 +355,34 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
     baseline = evaluate(model, val, task.metric)
     originals = {n: model.get_submodule(n).weight.detach().float() for n in names}
 
-    scratch = None  # a copy whose one layer's weight is swapped for each truncation
+    scratch: nn.Module | None = None  # a copy whose one weight is swapped per truncation
+    svd_s = 0.0
     entries: list[LayerSensitivity] = []
     for name in names:
         layer = model.get_submodule(name)
-        jobs = [(k, v, p) for ls, k, v, p in todo if ls.name == name]
-        truncs = {}
-        for k, v, p in jobs:
-            lp = _policy(k, v, p, skipped, name)
+        jobs = [(k, v, p, _policy(k, v, p, skipped, name)) for ls, k, v, p in todo
+                if ls.name == name]
+        ranks = {}  # (knob, value) -> rank, for the pure truncations
+        for k, v, _, lp in jobs:
             if lp is not None and _is_truncation(lp):
-                truncs[(k, v)] = layer_rank(layer, lp)
-        svd = _Truncations(layer, list(truncs.values()), seed) if truncs else None
-        for knob, value, paired in jobs:
+                try:
+                    ranks[(k, v)] = layer_rank(layer, lp)
+                except Exception:  # noqa: BLE001 - build() will say what is wrong
+                    pass
+        t0 = time.perf_counter()
+        svd = _Truncations(layer, list(ranks.values()), seed) if ranks else None
+        svd_s += time.perf_counter() - t0
+        for knob, value, paired, lp in jobs:
             t0 = time.perf_counter()
-            lp = _policy(knob, value, paired, [], name)
             if lp is None:
                 _tick(progress, name, knob, value)
                 continue
             try:
-                if (knob, value) in truncs:
+                if svd is not None and (knob, value) in ranks:
                     if scratch is None:
                         scratch = copy.deepcopy(model)
-                    w = svd.weight(truncs[(knob, value)])
-                    target = scratch.get_submodule(name)
-                    saved = target.weight.data
-                    target.weight.data = w.to(saved.dtype)
-                    try:
-                        metric = evaluate(scratch, val, task.metric)
-                    finally:
-                        target.weight.data = saved
+                    w = svd.weight(ranks[(knob, value)])
+                    metric = _evaluate_with_weight(scratch, name, w, val, task)
                 else:
                     built = _build(model, Policy({name: lp}), task)
                     metric = evaluate(built, val, task.metric)
@@ -409,9 +409,22 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
                       f"randomized, {SVD_POWER_ITERATIONS} power iteration(s))",
         "torch_threads": torch.get_num_threads(),
         "fisher_s": round(fisher_s, 2),
+        "svd_s": round(svd_s, 2),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return Sensitivity(baseline, entries, method, skipped)
+
+
+def _evaluate_with_weight(model: nn.Module, name: str, weight: torch.Tensor,
+                          val: tuple[torch.Tensor, torch.Tensor], task: Task) -> float:
+    """The metric with one layer's weight replaced (then put back)."""
+    target = model.get_submodule(name)
+    saved = target.weight.data
+    target.weight.data = weight.to(saved.dtype)
+    try:
+        return evaluate(model, val, task.metric)
+    finally:
+        target.weight.data = saved
 
 
 def _build(model: nn.Module, policy: Policy, task: Task) -> nn.Module:
@@ -519,19 +532,24 @@ def sensitivity_table(sensitivity: Sensitivity, width: int = 100) -> str:
     cell = 9
     per_chunk = max(1, (width - head_w) // cell)
     m = sens.method
-    lines = [
-        f"sensitivity: one layer compressed alone, no fine-tune; baseline "
-        f"{100 * sens.baseline:.1f} on {m.get('metric_examples', '?')} val examples; "
-        f"Fisher on {m.get('fisher_examples', '?')} train examples; "
-        f"{m.get('seconds', 0):.0f} s",
-        "drop: metric points lost; F: 0.5*sum(Fisher*dw^2) (- where the weight changes "
-        "shape); . not offered",
+    head = [
+        f"sensitivity: each layer compressed alone, no fine-tune ({m.get('seconds', 0):.0f} s); "
+        f"baseline {100 * sens.baseline:.1f} on {m.get('metric_examples', '?')} val examples, "
+        f"Fisher on {m.get('fisher_examples', '?')} train examples",
+        "drop: metric points lost; F: 0.5*sum(Fisher*dw^2), - where the weight changes shape; "
+        ". not offered",
     ]
-    paired_knobs = {e.knob for e in sens.entries if e.paired}
-    if paired_knobs:
-        lines.append("+: measured together with " + "; ".join(
-            f"{k} -> {', '.join(o for o, _ in PAIRED.get(k, ()))} (harshest offered)"
-            if k != "half" else "half -> bits=16" for k in sorted(paired_knobs)))
+    pairs: dict[str, set[str]] = {}
+    for e in sens.entries:
+        for other, value in e.paired.items():
+            spec = dict(PAIRED.get(e.knob, ()))
+            pairs.setdefault(e.knob, set()).add(
+                f"the harshest {other}" if spec.get(other) == HARSHEST else f"{other}={value}")
+    if pairs:
+        head.append("+: measured with " + "; ".join(
+            f"{k}: {' or '.join(sorted(v))}" for k, v in sorted(pairs.items())))
+    lines = [w for line in head for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+    paired_knobs = set(pairs)
 
     def short(name: str) -> str:
         return name if len(name) <= name_w else "~" + name[-(name_w - 1):]

@@ -8,6 +8,7 @@ trial is recorded with its reason (user attr `fail_reason`) and the study goes o
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,8 +22,9 @@ from torch import nn
 from search.compile import Compiler, to_relax
 from search.compress import ModelStats, apply_precision, model_stats, output_tolerance, restructure
 from search.config import SearchConfig
-from search.errors import TrialFailed
+from search.errors import TrialFailed, UserError
 from search.finetune import attach_training_transforms, distill, evaluate, teacher_logits
+from search.lock import device_lock
 from search.measure import Latency, run_and_time
 from search.policy import LayerPolicy, LayerSpace, Policy, derive_space, uniform
 from search.target import TargetSpec
@@ -82,14 +84,16 @@ class Evaluator:
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
 
-        start = time.perf_counter()
         with torch.no_grad():
             reference = model(task.example)
-        compiled = self.compiler.compile(to_relax(model, task.example), progress)
-        compile_s = time.perf_counter() - start
-        latency = run_and_time(compiled.executable, task.example, reference,
-                               self.target.measurement, self.target.device(),
-                               atol=output_tolerance(policy))
+        mod = to_relax(model, task.example)
+        with device_lock(self.target):  # one trial at a time tunes and times on a device
+            start = time.perf_counter()
+            compiled = self.compiler.compile(mod, progress)
+            compile_s = time.perf_counter() - start
+            latency = run_and_time(compiled.executable, task.example, reference,
+                                   self.target.measurement, self.target.device(),
+                                   atol=output_tolerance(policy))
         source = latency_source(self.target.name, compiled.tuned, compiled.tasks,
                                 latency.emulated_by)
         return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
@@ -110,18 +114,48 @@ def policy_params(policy: Policy, knobs: list[str]) -> dict[str, Any]:
     return {f"{name}.{k}": getattr(lp, k) for name, lp in policy.layers.items() for k in knobs}
 
 
-def open_study(run_dir: Path, seed: int, startup_trials: int, create: bool) -> optuna.Study:
-    """The run's study in SQLite (optuna-dashboard opens it: `optuna-dashboard sqlite:///...`)."""
-    storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+HEARTBEAT_S = 20  # a running trial's worker writes a heartbeat this often ...
+GRACE_S = 90  # ... and a trial without one for this long is failed and retried
+
+
+def storage_url(run_dir: Path, url: str | None) -> str:
+    """The run folder's SQLite file unless an Optuna RDB URL (PostgreSQL, MySQL) is given."""
+    return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9, a lost machine)
+    is failed after GRACE_S and enqueued again once (RetryFailedTrialCallback)."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+
+
+def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool
+               ) -> optuna.Study:
+    """The run's study (optuna-dashboard opens it: `optuna-dashboard <storage URL>`)."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    storage = open_storage(url)
     if create:
-        return optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=DIRECTIONS,
+        return optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS,
                                    sampler=sampler)
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        raise UserError(f"no study {name!r} in {redact(url)}; start one with `search run "
+                        f"--storage URL --study {name}`") from None
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def fail_interrupted(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed run are failed, so a resumed run does not count them."""
+    """Trials left RUNNING by a killed run are failed, so a resumed run does not count them.
+    Only for a run's own storage: with shared storage another machine may be running them
+    (heartbeats catch the dead ones there)."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # NOTE: Optuna has no public setter for a user attr of a trial it is not running
@@ -132,15 +166,22 @@ def fail_interrupted(study: optuna.Study) -> int:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count against the trial budget: complete, or failed for a real reason."""
+    """Trials that count against the trial budget: complete, or failed for a real reason (not
+    interrupted, not lost with a dead worker: those run again)."""
     done = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE:
             done += 1
         elif t.state == optuna.trial.TrialState.FAIL and \
-                t.user_attrs.get("fail_reason") != "interrupted":
+                t.user_attrs.get("fail_reason", "interrupted") != "interrupted":
             done += 1
     return done
+
+
+def claimed_count(study: optuna.Study) -> int:
+    """Finished trials plus those running now (on any worker)."""
+    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    return finished_count(study) + running
 
 
 def has_baseline(study: optuna.Study) -> bool:
@@ -209,27 +250,38 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
     return objective
 
 
-def run_study(run_dir: Path, task: Task, target: TargetSpec, compiler: Compiler,
-              budget_ms: float, config: SearchConfig, resume: bool,
-              on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-              progress: Any | None = None) -> optuna.Study:
-    """Create (or resume) the study and run trials until `config.trials` have finished."""
+def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
+                  resume: bool, run_info: dict[str, Any], own_storage: bool
+                  ) -> tuple[optuna.Study, list[LayerSpace]]:
+    """Create (seeded, with the run's settings as study user attrs, so a worker elsewhere can
+    join from the storage alone) or reopen the study."""
     space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
     (run_dir / "space.json").write_text(json.dumps([asdict(s) for s in space], indent=1))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(run_dir, config.seed, config.startup_trials, create=not resume)
+    study = open_study(url, name, config.seed, config.startup_trials, create=not resume)
     if resume:
-        fail_interrupted(study)
+        if own_storage:
+            fail_interrupted(study)
         if not has_baseline(study):
             enqueue_seeds(study, space, config, only_baseline=True)
     else:
+        study.set_user_attr("run", run_info)
         enqueue_seeds(study, space, config)
-    remaining = config.trials - finished_count(study)
-    if remaining <= 0:
-        return study
+    return study, space
+
+
+def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task,
+         target: TargetSpec, compiler: Compiler, budget_ms: float, config: SearchConfig,
+         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+         progress: Any | None = None) -> None:
+    """Run trials until the study has `config.trials` finished or claimed (by any worker) or
+    `config.timeout` passed. Several processes may call this on one study: Optuna's storage
+    hands each waiting (seed) trial to one of them, and trial numbers are the storage's."""
     evaluator = Evaluator(task, target, compiler, config)
+    objective = objective_factory(evaluator, space, budget_ms, run_dir, progress)
     callbacks = [on_trial] if on_trial else []
-    study.optimize(objective_factory(evaluator, space, budget_ms, run_dir, progress),
-                   n_trials=remaining, timeout=config.timeout, catch=(Exception,),
-                   callbacks=callbacks)
-    return study
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    while claimed_count(study) < config.trials:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
