@@ -23,6 +23,8 @@ examples:
   search run --target host --budget 5ms --workers 2   # two trial workers, one study
   search run --storage postgresql://u:pw@db/search --study nightly --target host --budget 5ms
   search worker nightly --storage postgresql://u:pw@db/search   # on more machines
+  search show runs/host-5ms 7 --latency          # trial 7 layer by layer, each layer timed
+  search compare runs/host-5ms runs/host-5ms-b   # two fronts: hypervolume, points dominated
   search targets                                 # devices this checkout knows
   search sweep configs/nightly.yaml              # nightly jobs + dated report; exit 3: regression
   optuna-dashboard sqlite:///runs/host-5ms/study.db   # browse every trial
@@ -97,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="[default: RUN_DIR/export/trial_N]")
 
     sub.add_parser("targets", help="list the devices a run can target, and how each is reached")
+
+    show = sub.add_parser("show", help="a trial layer by layer: knobs, params and bytes before "
+                                       "-> after, per-layer latency, sensitivity")
+    show.add_argument("run_dir", type=Path)
+    show.add_argument("trial", type=int, help="trial number, as in the front table")
+    show.add_argument("--latency", action="store_true",
+                      help="compile and time every layer alone, before and after (slow: "
+                           "minutes on a big model; cached in the trial's layers.json)")
+
+    compare = sub.add_parser("compare", help="compare two runs' fronts: hypervolume, points "
+                                             "dominated, policies in common")
+    compare.add_argument("run_a", type=Path)
+    compare.add_argument("run_b", type=Path)
+    compare.add_argument("--force", action="store_true",
+                         help="compare runs of different targets or tasks anyway")
 
     sweep = sub.add_parser(
         "sweep", help="run a list of (task, target, budget) jobs and report how fronts moved",
@@ -214,6 +231,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return result.exit_code()
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from search.report import show
+
+    print(show(args.run_dir, args.trial, measure=args.latency))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from search.report import compare, comparison_table
+
+    print(comparison_table(compare(args.run_a, args.run_b, force=args.force)))
+    return 0
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from search.target import available, load_target
 
@@ -234,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     handler = {"run": _cmd_run, "front": _cmd_front, "export": _cmd_export,
                "targets": _cmd_targets, "worker": _cmd_worker,
-               "sweep": _cmd_sweep}[args.command]
+               "sweep": _cmd_sweep, "show": _cmd_show, "compare": _cmd_compare}[args.command]
     try:
         return handler(args)
     except UserError as exc:

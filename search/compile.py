@@ -97,6 +97,9 @@ class Compiler:
                  log_dir: Path | None = None, seed: int = 0,
                  budget_s: float | None = None) -> None:
         light_tensor_intrinsics()
+        from search.int8 import enable_vnni
+
+        enable_vnni()  # TVM 0.27's VNNI intrinsic fails to build as shipped (see search.int8)
 
         self.spec = target
         self.device = target.device()
@@ -189,8 +192,11 @@ class Compiler:
     def _compile(self, mod: Any, progress: Any | None) -> Compiled:
         from tvm.s_tir import meta_schedule as ms
 
+        from search.int8 import lower_int8
+
         try:
             self.database = self._open_database()  # records tuned by parallel workers too
+            mod = lower_int8(mod, target=self.target)  # Int8Linear -> int8 x int8 kernels
             fused = _fused(mod, self.target)
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
             # single-trial tasks (reshapes) have nothing to tune but still get a record

@@ -17,6 +17,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from search.channels import prune_channels
+from search.int8 import Int8Linear, calibrate, quantize_linears
 from search.policy import LayerPolicy, Policy, layer_rank
 from search.quantize import Mask, nm_mask, parse_nm, quantize
 from search.storage import nm_bytes, weight_bytes
@@ -156,23 +157,33 @@ def weight_layers(module: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
+def apply_precision(model: nn.Module, policy: Policy,
+                    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    calibration: int = 256) -> nn.Module:
     """Make the weights final, in place: sparsity masks and training-time transforms baked in,
     then shared k-means values, int8/int4/ternary/binary per-channel values, or a 16-bit layer.
 
-    NOTE: int8 and below are weight storage (with per-channel scales); the TVM graph computes
-    those layers in fp32 because TVM 0.27's Relax has no low-bit kernels reachable from
-    torch.export, so they show as a size win only. fp16/bf16 are real: the layer's weights
-    and arithmetic are 16-bit.
+    An int8 Linear becomes a real integer layer (search.int8.Int8Linear: activations quantized
+    with a range calibrated on `calibration` training inputs, int8 x int8 -> int32 kernels in
+    TVM) when `data` is given. Int8 convs and 4/2/1-bit weights are weight storage: TVM computes
+    those layers in fp32 on the dequantized values, a size win only. fp16/bf16 are real 16-bit
+    layers.
     """
     model.eval()
     for m in weight_layers(model):  # masks (and fake quantizers) become plain weights now
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    int8_linears = []
     for name, lp in policy.layers.items():
         if lp.share:
             for m in weight_layers(model.get_submodule(name)):
                 m.weight.data = share_weights(m.weight.data, lp.share)
+        elif lp.bits == 8 and data is not None:
+            for sub, m in model.get_submodule(name).named_modules():
+                if isinstance(m, nn.Linear):
+                    int8_linears.append(f"{name}.{sub}" if sub else name)
+                elif isinstance(m, nn.Conv2d):
+                    m.weight.data = quantize(m.weight.data, 8)
         elif lp.bits <= 8:  # (shared values are already a small codebook)
             for m in weight_layers(model.get_submodule(name)):
                 m.weight.data = quantize(m.weight.data, lp.bits)
@@ -184,6 +195,10 @@ def apply_precision(model: nn.Module, policy: Policy) -> nn.Module:
                     target[i] = Half(leaf, dtype)
             else:
                 _set(model, name, Half(target, dtype))
+    if int8_linears:
+        x = data[0][:calibration]
+        acts = calibrate(model, int8_linears, [x[i:i + 64] for i in range(0, len(x), 64)])
+        quantize_linears(model, acts)
     return model
 
 
@@ -214,8 +229,9 @@ def share_weights(w: torch.Tensor, bits: int, sample: int = 100_000, seed: int =
 
 def build(model: nn.Module, policy: Policy, example: torch.Tensor,
           data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """Structure and precision without fine-tuning (the deployed form of an untrained candidate)."""
-    return apply_precision(restructure(model, policy, example, data), policy)
+    """Structure and precision without fine-tuning (the deployed form of an untrained candidate).
+    `data`: training (x, y) for gradient channel importances and int8 calibration."""
+    return apply_precision(restructure(model, policy, example, data), policy, data)
 
 
 @torch.no_grad()
@@ -229,7 +245,8 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
             if isinstance(m, nn.Conv2d) else m.in_features
         macs += out[0].numel() * per_out
 
-    handles = [m.register_forward_hook(hook) for m in weight_layers(model)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear | Int8Linear)]
     try:
         model.eval()(example[:1])
     finally:
@@ -238,6 +255,10 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
     size = 0
     counted: set[int] = set()
     for name, lp in policy.layers.items():
+        for m in model.get_submodule(name).modules():
+            if isinstance(m, Int8Linear):  # int8 weights + fp32 scales, bias, input range
+                counted.update(id(b) for b in m.buffers())
+                size += m.weight_q.numel() + 4 * (2 * m.out_features + 2)
         for m in weight_layers(model.get_submodule(name)):
             for p in m.parameters():
                 counted.add(id(p))

@@ -36,6 +36,9 @@ class SearchConfig:
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
     knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
     # the others (see search.policy.KNOBS) are opt-in
+    sensitivity: bool = True  # measure each layer x knob value alone first (sensitivity.json)
+    sensitivity_max_drop: float | None = 0.10  # and drop values losing more than this (no
+    # fine-tune yet, so generous); null: measure and show, do not narrow
     choices: dict[str, list] = field(default_factory=dict)  # knob -> values offered (narrows the
     # derived space; `bits` may widen to 4/2/1); unset knobs use search.policy.DEFAULT_CHOICES
     seeds: list[dict[str, float]] = field(default_factory=lambda: [

@@ -64,13 +64,16 @@ class Int8Linear(nn.Module):
         if not isinstance(act, ActQuant):
             act = ActQuant(float(act), 0)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.act_scale, self.zero_point = float(act.scale), int(act.zero_point)
+        act_scale, zero_point = float(act.scale), int(act.zero_point)
         w = linear.weight.detach().float()
         w_scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         wq = (w / w_scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        scale = (self.act_scale * w_scale).float()
+        scale = (act_scale * w_scale).float()
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
-        bias = bias - self.zero_point * scale * wq.to(torch.int32).sum(dim=1).float()
+        bias = bias - zero_point * scale * wq.to(torch.int32).sum(dim=1).float()
+        # buffers, not attributes: a saved state_dict restores the calibration too
+        self.register_buffer("act_scale", torch.tensor(act_scale))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
         self.register_buffer("weight_q", wq)  # int8 (out, in)
         self.register_buffer("weight_scale", w_scale)  # fp32 (out,): for storage accounting
         self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
@@ -86,8 +89,8 @@ class Int8Linear(nn.Module):
         return acc.to(torch.float32) * self.scale + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, act_scale={self.act_scale:.4g}, "
-                f"zero_point={self.zero_point}")
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
 
 
 def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[torch.Tensor],

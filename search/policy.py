@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -123,6 +124,14 @@ class LayerSpace:
 
     def choices(self, knob: str) -> tuple:
         return self.values[knob]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind,
+                "values": {k: list(v) for k, v in self.values.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerSpace:
+        return cls(data["name"], data["kind"], {k: tuple(v) for k, v in data["values"].items()})
 
 
 def factorized_rank(layer: nn.Module, ratio: float, split: str = "channel") -> int:

@@ -195,11 +195,12 @@ def comparison_table(c: Comparison) -> str:
         trials = f" ({', '.join(f'#{t}' for t in beaten)})" if beaten else ""
         lines.append(f"{run:<{width}}  {target:<12} {n:>5} {hv:>11.4f} "
                      f"{len(beaten):>3} of {n}{trials}")
-    better = ("A" if c.hypervolume_a > c.hypervolume_b else "B"
-              if c.hypervolume_b > c.hypervolume_a else "neither")
-    lines.append(f"larger hypervolume: {better}"
-                 + (f" ({max(c.hypervolume_a, c.hypervolume_b) / min(c.hypervolume_a, c.hypervolume_b):.2f}x)"  # noqa: E501
-                    if better != "neither" and min(c.hypervolume_a, c.hypervolume_b) > 0 else ""))
+    lo, hi = sorted((c.hypervolume_a, c.hypervolume_b))
+    if lo == hi:
+        lines.append("larger hypervolume: neither")
+    else:
+        ratio = f" ({hi / lo:.2f}x)" if lo > 0 else ""
+        lines.append(f"larger hypervolume: {'A' if c.hypervolume_a > lo else 'B'}{ratio}")
     same = ", ".join(f"A#{a}=B#{b}" for a, b in c.common) or "none"
     lines.append(f"same policy on both fronts: {same}")
     lines.append(f"hypervolume: the fraction of the box from (accuracy 1, 0 ms, 0 bytes) to the "
@@ -294,6 +295,7 @@ def _time_layer(module: nn.Module, x: torch.Tensor, compiler: Any, target: Any,
     """Compile one layer as its own model (tuning database reused, never extended) and time
     it; a layer that fails alone is reported, not raised."""
     from search.compile import to_relax
+    from search.lock import device_lock
     from search.measure import run_and_time
     from search.study import latency_source
 
@@ -302,8 +304,9 @@ def _time_layer(module: nn.Module, x: torch.Tensor, compiler: Any, target: Any,
         with torch.no_grad():
             reference = module.eval()(x)
         compiled = compiler.compile(to_relax(module, x))
-        lat = run_and_time(compiled.executable, x, reference, target.measurement,
-                           target.device(), atol=atol)
+        with device_lock(target):  # not while a run's trial is timing on the same device
+            lat = run_and_time(compiled.executable, x, reference, target.measurement,
+                               target.device(), atol=atol)
     except TrialFailed as exc:
         return LayerTiming(math.nan, math.nan, math.nan, "failed", shape, str(exc))
     source = latency_source(target.name, compiled.tuned, compiled.tasks, lat.emulated_by)

@@ -167,8 +167,11 @@ def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     say(f"task {task.name} ready in {time.perf_counter() - start:.0f} s; tuning database "
         f"{tuning_dir(target)}")
     url = info.url(run_dir)
-    study, space = prepare_study(run_dir, task, config, url, info.study, resume,
-                                 info.to_dict(), own_storage=info.storage is None)
+    with tqdm(total=0, desc="sensitivity", unit="case", leave=False,
+              disable=not show_progress, dynamic_ncols=True) as bar:
+        study, space = prepare_study(run_dir, task, config, url, info.study, resume,
+                                     info.to_dict(), own_storage=info.storage is None,
+                                     say=say, progress=bar)
     trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,
                       disable=not show_progress, dynamic_ncols=True)
     trials_bar.update(min(finished_count(study), config.trials))

@@ -11,7 +11,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from search.finetune import attach_training_transforms, distill, evaluate, teach
 from search.lock import device_lock
 from search.measure import Latency, run_and_time
 from search.policy import LayerPolicy, LayerSpace, Policy, derive_space, uniform
+from search.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
 from search.target import TargetSpec
 from search.task import Task
 
@@ -79,7 +80,7 @@ class Evaluator:
             penalized = attach_training_transforms(model, policy, options)
             distill(model, self.teacher, task.train, options, seed=self.config.seed,
                     penalized=penalized)
-        model = apply_precision(model, policy)
+        model = apply_precision(model, policy, task.train)
         accuracy = evaluate(model, task.val, task.metric)
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
@@ -191,7 +192,7 @@ def has_baseline(study: optuna.Study) -> bool:
 
 def enqueue_seeds(study: optuna.Study, space: list[LayerSpace], config: SearchConfig,
                   only_baseline: bool = False) -> None:
-    for seed in config.seeds[:1] if only_baseline else config.seeds:
+    for seed in config.seeds[:1] if only_baseline else config.seeds[:config.trials]:
         study.enqueue_trial(policy_params(uniform(space, **seed), config.knobs),
                             skip_if_exists=True)
 
@@ -251,22 +252,35 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
 
 
 def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
-                  resume: bool, run_info: dict[str, Any], own_storage: bool
+                  resume: bool, run_info: dict[str, Any], own_storage: bool,
+                  say: Callable[[str], None] = lambda _: None, progress: Any | None = None
                   ) -> tuple[optuna.Study, list[LayerSpace]]:
-    """Create (seeded, with the run's settings as study user attrs, so a worker elsewhere can
-    join from the storage alone) or reopen the study."""
-    space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
-    (run_dir / "space.json").write_text(json.dumps([asdict(s) for s in space], indent=1))
+    """Create the study (seeded; the run's settings, sensitivity and search space stored as
+    study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(url, name, config.seed, config.startup_trials, create=not resume)
     if resume:
+        stored = study.user_attrs.get("space")  # (runs before 0.2 did not store it)
+        space = [LayerSpace.from_dict(d) for d in stored] if stored else \
+            derive_space(task.model, task.example, config.space_choices(), config.knobs)
         if own_storage:
             fail_interrupted(study)
         if not has_baseline(study):
             enqueue_seeds(study, space, config, only_baseline=True)
     else:
+        space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
+        if config.sensitivity:
+            sens = measure_sensitivity(task, space, config.knobs, seed=config.seed,
+                                       progress=progress)
+            sens.save(run_dir / "sensitivity.json")
+            study.set_user_attr("sensitivity", sens.to_dict())
+            say(sensitivity_table(sens))
+            if config.sensitivity_max_drop is not None:
+                space = narrow_space(space, sens, config.sensitivity_max_drop)
         study.set_user_attr("run", run_info)
+        study.set_user_attr("space", [ls.to_dict() for ls in space])
         enqueue_seeds(study, space, config)
+    (run_dir / "space.json").write_text(json.dumps([ls.to_dict() for ls in space], indent=1))
     return study, space
 
 

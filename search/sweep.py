@@ -166,7 +166,7 @@ def _job(path: Path, index: int, raw: Any) -> Job:
     if spec.cross_compiler and spec.device().local:
         raise UserError(f"{where}: target {target!r} runs on a device: give the job "
                         f"`rpc: HOST:PORT` or `tracker: HOST:PORT` and `key: KEY`")
-    name = str(raw.get("name") or f"{Path(target).stem}-{budget}")
+    name = str(raw.get("name") or f"{Path(target).stem}-{budget.replace(' ', '')}")
     if not NAME.fullmatch(name):
         raise UserError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-'")
     config = raw.get("config")
@@ -205,13 +205,13 @@ class Regression:
     fastest_at_accuracy: Point | None  # the fastest current point as accurate (with tolerance)
 
     def text(self) -> str:
-        at_lat = ("none" if self.best_at_latency is None
+        at_lat = ("nothing" if self.best_at_latency is None
                   else f"{100 * self.best_at_latency['accuracy']:.2f}% "
                        f"(trial {self.best_at_latency['trial']})")
-        at_acc = ("none" if self.fastest_at_accuracy is None
+        at_acc = ("nothing" if self.fastest_at_accuracy is None
                   else f"{self.fastest_at_accuracy['latency_ms']:.3f} ms "
                        f"(trial {self.fastest_at_accuracy['trial']})")
-        return (f"{_label(self.previous)} is gone: as fast, the best now is {at_lat}; "
+        return (f"{_label(self.previous)} is gone: as fast, the most accurate now is {at_lat}; "
                 f"as accurate, the fastest now is {at_acc}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -437,7 +437,7 @@ def front_table(points: list[Point]) -> list[str]:
     return rows
 
 
-def plot_moved(path: Path, jr: JobResult) -> None:
+def plot_moved(path: Path, jr: JobResult, date: str) -> None:
     """Previous and current fronts on one plot; lost points circled in red."""
     import matplotlib
 
@@ -448,7 +448,7 @@ def plot_moved(path: Path, jr: JobResult) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for pts, style, label in ((jr.moved.previous_points, dict(color="grey", alpha=0.6),
                                f"{jr.moved.date}"),
-                              (jr.front["points"], dict(color="tab:blue"), "today")):
+                              (jr.front["points"], dict(color="tab:blue"), date)):
         pts = sorted(pts, key=lambda p: p["latency_ms"])
         xs, ys = [p["latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts]
         ax.step(xs, ys, where="post", **style)
@@ -462,7 +462,7 @@ def plot_moved(path: Path, jr: JobResult) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms (median)")
     ax.set_ylabel("accuracy, %")
-    ax.set_title(f"{jr.job.name}: front on {jr.job.target}, {jr.moved.date} vs today")
+    ax.set_title(f"{jr.job.name}: front on {jr.job.target}, {jr.moved.date} vs {date}")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -503,7 +503,7 @@ def write_report(cfg: SweepConfig, result: SweepResult) -> None:
     result.folder.mkdir(parents=True, exist_ok=True)
     for jr in result.jobs:
         if jr.moved is not None:
-            plot_moved(result.folder / f"front-moved-{jr.job.name}.png", jr)
+            plot_moved(result.folder / f"front-moved-{jr.job.name}.png", jr, result.date)
     code = result.exit_code()
     lines = [f"# Sweep {result.date}", "",
              f"{len(result.jobs)} jobs from `{cfg.path}`: "

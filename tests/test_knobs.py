@@ -153,3 +153,33 @@ def test_elastic_net_penalty_shrinks_the_compressed_weights(tiny_task):
         distill(model, teacher, tiny_task.train, options, penalized=penalized)
         norms.append(sum(float(m.weight.detach().abs().sum()) for m in model.fc1))
     assert norms[1] < norms[0]
+
+
+def test_int8_linears_become_integer_layers_that_compile_to_int8_kernels(tiny_task, tmp_path):
+    from search.compile import Compiler, to_relax
+    from search.export import check_onnx, to_onnx
+    from search.int8 import Int8Linear, int8_kernels, lower_int8
+    from search.measure import run_and_time
+    from search.target import Measurement
+
+    policy = Policy({"fc1": LayerPolicy(bits=8), "fc2": LayerPolicy(rank=0.5, bits=8)})
+    model = build(tiny_task.model, policy, tiny_task.example, tiny_task.train)
+    assert isinstance(model.fc1, Int8Linear) and isinstance(model.fc2[1], Int8Linear)
+    assert model.fc1.weight_q.dtype == torch.int8
+    storage_only = build(tiny_task.model, policy, tiny_task.example)  # no calibration data
+    assert isinstance(storage_only.fc1, nn.Linear)
+    real, stored = (model_stats(m, policy, tiny_task.example) for m in (model, storage_only))
+    assert real.flops == stored.flops and abs(real.size_bytes - stored.size_bytes) < 2048
+    x, y = tiny_task.val
+    agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
+    assert agree > 0.9  # calibrated 8-bit activations keep the predictions
+    lowered = lower_int8(to_relax(model, tiny_task.example), target=load_target("host").tvm())
+    assert len(int8_kernels(lowered)) == 3  # fc1 and both factors of fc2
+    with torch.no_grad():
+        ref = model(tiny_task.example)
+    compiled = Compiler(load_target("host"), tmp_path / "db", trials_per_task=0).compile(
+        to_relax(model, tiny_task.example))
+    assert run_and_time(compiled.executable, tiny_task.example, ref, Measurement(1, 1, 1),
+                        atol=1e-3).median_ms > 0
+    to_onnx(model, tiny_task.example, tmp_path / "m.onnx")
+    assert check_onnx(tmp_path / "m.onnx", tiny_task.example, ref, atol=1e-3) <= 1e-3

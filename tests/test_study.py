@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from search.config import SearchConfig
+from search.policy import LayerSpace, uniform
 from search.run import RunInfo, prepare, search
 from tests.conftest import cli_env
 
@@ -62,8 +63,12 @@ def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
     first = study.trials[0]
     assert first.user_attrs["uncompressed"] is True
     assert all(v in (1.0, 0.0, 32) for v in first.params.values())
-    assert all(v == 0.125 for k, v in study.trials[1].params.items()
-               if k.endswith(".rank") and v != 1.0)
+    # the rank seed: every layer at the offered rank nearest 1/8 (sensitivity narrows the space)
+    space = [LayerSpace.from_dict(d) for d in json.loads((out / "space.json").read_text())]
+    want = uniform(space, rank=0.125)
+    assert {k: v for k, v in study.trials[1].params.items() if k.endswith(".rank")} == \
+        {f"{n}.rank": lp.rank for n, lp in want.layers.items()}
+    assert any(v < 1.0 for k, v in study.trials[1].params.items() if k.endswith(".rank"))
     # the budget is an Optuna constraint: a trial is feasible iff within the budget
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -146,7 +151,7 @@ def test_a_killed_run_resumes_and_keeps_its_finished_trials(tmp_path):
 
 def test_unstructured_pruning_is_opt_in_and_shows_as_size_not_latency(tmp_path):
     data = run_tiny(tmp_path / "r", trials=2, knobs=["rank", "sparsity", "bits", "prune"],
-                    seeds=[{}, {"prune": 0.9}])
+                    seeds=[{}, {"prune": 0.9}], sensitivity_max_drop=None)  # keep every value
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
     base, pruned = study.trials[0], study.trials[1]
     assert all(v == 0.9 for k, v in pruned.params.items() if k.endswith(".prune"))

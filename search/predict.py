@@ -1,0 +1,420 @@
+"""Predicted latency: a per-target table of per-layer latencies, measured for real, summed.
+
+Cheaper trials (OFA's latency lookup table, nn-Meter's kernel table): a candidate is made of
+layer ops, and most of them repeat across trials (channel counts and ranks are rounded to a
+multiple of 8), so each distinct op is compiled and timed once, on the target, with the run's
+Compiler (MetaSchedule, the same tuning database), and a candidate's latency is
+
+    predicted = sum of its ops' latencies + residual(family)
+
+while the search runs. The front's points are then compiled and measured whole, and the table's
+error on them is reported (`error_report`).
+
+Decisions:
+- A layer op is one call of a Conv2d or Linear (grouped and depthwise convs included), a `Half`
+  (a 16-bit layer with its casts and fp32 bias add: TVM fuses those with the op) or an
+  `Int8Linear` (lowered with `search.int8.lower_int8`, as the int8 pipeline compiles it). Its key
+  is everything that decides the compiled kernel: op kind, hyper-parameters, weight dtype,
+  whether it has a bias, the real input shape and dtype (captured by forward hooks on the
+  candidate). Weight values are not part of it: every kernel here is dense, so the op is timed
+  as a fresh module with random weights.
+- The residual is everything else (activations, pooling, reshapes, adds, BatchNorm, the VM's
+  per-call overhead, minus what fusion saves: a conv timed alone also writes and re-reads its
+  output). It is learned per model family (default: the model's class and input shape; pass
+  the task name) from whole-model measurements given to `record_whole`: the median of
+  (measured - sum of ops) over the models recorded so far. The median, not a fit, because
+  there are few points and a mis-timed one must not move it. It starts at the uncompressed
+  model's, which a study measures first (its baseline trial); with no record it is 0 (the
+  prediction then says `residual_from=0`). Channel pruning shrinks the activations the
+  residual pays for, so on heavily pruned candidates it errs high (conservative). A negative
+  residual (untuned ops timed alone can cost more than fused in the whole) is capped at -50% of
+  the candidate's op sum, so a small candidate never predicts <= 0.
+- Each entry says how it was made (`measured:<target>:tuned|untuned|partly-tuned(k/n)`); a
+  prediction is labelled `predicted:<target>:...` the same way. `missing(tuned=True)` also
+  lists entries measured untuned, so a table started without tuning is re-measured once tuning
+  is on.
+- One JSON file per target next to its tuning database (`<cache>/tuning/<target key>/
+  layers.json`), shared by a run's workers: each update re-reads the file under a lock, merges
+  and replaces it atomically (temp file + os.replace); readers never see half a file. An op is
+  measured under the device lock, and skipped if another worker measured it meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.compress import Half
+from search.int8 import Int8Linear
+from search.lock import device_lock, file_lock
+from search.measure import Latency, run_and_time
+from search.target import Measurement, TargetSpec
+
+KEY_VERSION = "v1"  # bump when the key or how an op is timed changes: old entries are ignored
+KEEP_WHOLE = 64  # whole-model records kept per family (the most recent)
+RESIDUAL_FLOOR = 0.5  # a residual is at least -this x the candidate's op sum
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """One op of a candidate: its key and how to build it alone (fresh weights)."""
+
+    key: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    int8: bool = False  # lower with search.int8.lower_int8 before compiling
+
+    def example(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(self.input_shape, generator=gen).to(self.input_dtype)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted latency: the sum of the ops' table latencies plus the family's residual."""
+
+    ms: float
+    per_layer: list[tuple[str, float]]  # (key, ms) per op call, in call order
+    residual_ms: float
+    residual_from: int  # whole-model measurements the residual is the median of (0: none yet)
+    source: str  # predicted:<target>:tuned|untuned|partly-tuned(k/n)
+
+    @property
+    def layer_sum_ms(self) -> float:
+        return sum(ms for _, ms in self.per_layer)
+
+
+class MissingLayers(LookupError):
+    """The table has no latency for some of a model's ops (measure them first)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(f"{len(keys)} layer op(s) not in the latency table, e.g. {keys[0]}")
+        self.keys = keys
+
+
+# --------------------------------------------------------------------------------------------
+# ops of a model
+
+
+def _tuple(v: Any) -> str:
+    return "x".join(str(int(i)) for i in v) if isinstance(v, tuple | list) else str(v)
+
+
+def _dtype(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _conv_key(m: nn.Conv2d, bias: bool) -> str:
+    return (f"conv2d(out={m.out_channels},k={_tuple(m.kernel_size)},s={_tuple(m.stride)},"
+            f"p={_tuple(m.padding)},d={_tuple(m.dilation)},g={m.groups},bias={int(bias)},"
+            f"pad={m.padding_mode},w={_dtype(m.weight.dtype)})")
+
+
+def _linear_key(m: nn.Linear, bias: bool) -> str:
+    return f"linear(out={m.out_features},bias={int(bias)},w={_dtype(m.weight.dtype)})"
+
+
+def _fresh(m: nn.Module, bias: bool) -> nn.Module:
+    """A new layer with m's hyper-parameters and default-initialized weights."""
+    if isinstance(m, nn.Conv2d):
+        new: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                                   m.padding, m.dilation, m.groups, bias, m.padding_mode)
+    else:
+        new = nn.Linear(m.in_features, m.out_features, bias)
+    return new.to(m.weight.dtype)
+
+
+def _op(m: nn.Module, x: torch.Tensor, int8_kind: str) -> LayerOp:
+    shape, dtype = tuple(int(s) for s in x.shape), x.dtype
+    where = f"in={_tuple(shape)}:{_dtype(dtype)}"
+    if isinstance(m, Half):
+        inner, bias = m.layer, m.bias is not None
+        base = _conv_key(inner, bias) if isinstance(inner, nn.Conv2d) else _linear_key(inner,
+                                                                                       bias)
+        key = f"{KEY_VERSION}|half[{_dtype(m.dtype)}]|{base}|{where}"
+
+        def make() -> nn.Module:
+            layer = _fresh(inner, bias).float()
+            return Half(layer, m.dtype)
+
+        return LayerOp(key, make, shape, dtype)
+    if isinstance(m, Int8Linear):
+        key = (f"{KEY_VERSION}|int8linear[{int8_kind}](out={m.out_features},"
+               f"zp={int(m.zero_point != 0)})|{where}")
+        n_in, n_out = m.in_features, m.out_features
+        act = (m.act_scale, m.zero_point)
+
+        def make_int8() -> nn.Module:
+            from search.int8 import ActQuant
+
+            return Int8Linear(nn.Linear(n_in, n_out), ActQuant(*act))
+
+        return LayerOp(key, make_int8, shape, dtype, int8=True)
+    bias = m.bias is not None
+    base = _conv_key(m, bias) if isinstance(m, nn.Conv2d) else _linear_key(m, bias)
+    return LayerOp(f"{KEY_VERSION}|{base}|{where}", lambda: _fresh(m, bias), shape, dtype)
+
+
+@torch.no_grad()
+def layer_ops(model: nn.Module, example: torch.Tensor, int8_kind: str = "plain"
+              ) -> list[LayerOp]:
+    """The model's ops in call order (one per call: a layer called twice counts twice), found
+    by forward hooks on one run of `example`. A Conv2d/Linear inside a Half is the Half's."""
+    wrapped = {id(m.layer) for m in model.modules() if isinstance(m, Half)}
+    found: list[LayerOp] = []
+
+    def hook(m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        if id(m) not in wrapped:
+            found.append(_op(m, args[0], int8_kind))
+
+    kinds = (nn.Conv2d, nn.Linear, Half, Int8Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    try:
+        model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def family_of(model: nn.Module, example: torch.Tensor) -> str:
+    """The default residual family: the model's class and input shape."""
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}[{_tuple(tuple(example.shape))}]"
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+def _label(tuned: int, tasks: int) -> str:
+    return "tuned" if tuned == tasks else "untuned" if tuned == 0 else \
+        f"partly-tuned({tuned}/{tasks})"
+
+
+def _tolerance(module: nn.Module, ref: torch.Tensor) -> float:
+    """atol for checking a lone op's compiled output (random weights: scale by the output)."""
+    base = 1e-3
+    if isinstance(module, Half):
+        base = 1e-1 if module.dtype == torch.bfloat16 else 5e-2
+    return base * max(1.0, float(ref.detach().float().abs().max()))
+
+
+class LatencyTable:
+    """Per-layer latencies of one target, in a JSON file shared by processes."""
+
+    def __init__(self, path: Path, target_name: str = "", int8_kind: str = "plain") -> None:
+        self.path = Path(path)
+        self.target_name = target_name
+        self.int8_kind = int8_kind  # the int8 kernel form ops are lowered to (search.int8)
+        self.measured = 0  # ops this object compiled and timed (tests, progress)
+
+    @classmethod
+    def for_compiler(cls, compiler: Any) -> LatencyTable:
+        """The table next to the compiler's tuning database (one per target key)."""
+        from search.int8 import int8_kind
+
+        return cls(compiler.db_dir / "layers.json", compiler.spec.name,
+                   int8_kind(compiler.target))
+
+    # ---- the file
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            data = {}
+        data.setdefault("layers", {})
+        data.setdefault("whole", {})
+        return data
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Re-read, change and atomically replace the file, under its lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            data = self._read()
+            change(data)
+            data["version"] = KEY_VERSION
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".layers-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(data, handle, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self._read()["layers"]
+
+    # ---- ops
+
+    def missing(self, model: nn.Module, example: torch.Tensor, tuned: bool = False
+                ) -> list[str]:
+        """Keys of the model's ops the table lacks (distinct, in call order); with `tuned`,
+        also those only measured with untuned kernels."""
+        layers = self.layers
+        out: list[str] = []
+        for op in layer_ops(model, example, self.int8_kind):
+            entry = layers.get(op.key)
+            if (entry is None or (tuned and entry["tuning"] != "tuned")) and op.key not in out:
+                out.append(op.key)
+        return out
+
+    def measure_missing(self, model: nn.Module, example: torch.Tensor, compiler: Any,
+                        target: TargetSpec | None = None, settings: Measurement | None = None,
+                        progress: Any | None = None) -> list[str]:
+        """Compile each op the table lacks as its own module with `compiler` (tuning it into the
+        run's database when tuning is on) and time it on the target. Returns the keys measured.
+
+        An entry measured untuned is measured again when the compiler can tune now.
+        """
+        from search.compile import to_relax
+
+        target = target or compiler.spec
+        settings = settings or target.measurement
+        want_tuned = bool(compiler.can_tune)
+        ops: dict[str, LayerOp] = {}
+        for op in layer_ops(model, example, self.int8_kind):
+            ops.setdefault(op.key, op)
+        todo = self.missing(model, example, tuned=want_tuned)
+        done: list[str] = []
+        for key in todo:
+            op = ops[key]
+            with device_lock(target):  # as the Evaluator: device first, then the database
+                entry = self.layers.get(key)  # another worker may have measured it meanwhile
+                if entry is not None and (not want_tuned or entry["tuning"] == "tuned"):
+                    continue
+                torch.manual_seed(0)
+                module = op.make().eval()
+                x = op.example()
+                with torch.no_grad():
+                    ref = module(x)
+                mod = to_relax(module, x)
+                if op.int8:
+                    from search.int8 import lower_int8
+
+                    mod = lower_int8(mod, kind=self.int8_kind)
+                compiled = compiler.compile(mod, progress)
+                latency = run_and_time(compiled.executable, x, ref, settings, target.device(),
+                                       atol=_tolerance(module, ref))
+            label = _label(compiled.tuned, compiled.tasks)
+            record = {
+                "ms": latency.median_ms, "p25_ms": latency.p25_ms, "p75_ms": latency.p75_ms,
+                "repeats": latency.repeats, "tuning": label, "kernels": compiled.tasks,
+                "source": f"{'emulated' if latency.emulated_by else 'measured'}:"
+                          f"{target.name}:{label}",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            self._update(lambda data, k=key, r=record: data["layers"].__setitem__(k, r))
+            self.measured += 1
+            done.append(key)
+        return done
+
+    # ---- whole models and the residual
+
+    def residual(self, family: str) -> tuple[float, int]:
+        """(median of measured - sum of ops over the family's whole-model records, count)."""
+        records = self._read()["whole"].get(family, [])
+        if not records:
+            return 0.0, 0
+        return statistics.median(r["measured_ms"] - r["layer_sum_ms"] for r in records), \
+            len(records)
+
+    def record_whole(self, model: nn.Module, example: torch.Tensor, measured_ms: float,
+                     family: str | None = None, note: str = "") -> float:
+        """Learn from a whole-model measurement (all its ops must be in the table). Returns
+        this model's residual (measured - sum of its ops)."""
+        family = family or family_of(model, example)
+        layer_sum = self._layer_sum(model, example)[0]
+        record = {"measured_ms": float(measured_ms), "layer_sum_ms": layer_sum,
+                  "note": note, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+        def change(data: dict[str, Any]) -> None:
+            records = data["whole"].setdefault(family, [])
+            records.append(record)
+            del records[:-KEEP_WHOLE]
+
+        self._update(change)
+        return float(measured_ms) - layer_sum
+
+    def _layer_sum(self, model: nn.Module, example: torch.Tensor
+                   ) -> tuple[float, list[tuple[str, float]], list[str]]:
+        layers = self.layers
+        ops = layer_ops(model, example, self.int8_kind)
+        absent = list(dict.fromkeys(op.key for op in ops if op.key not in layers))
+        if absent:
+            raise MissingLayers(absent)
+        per = [(op.key, float(layers[op.key]["ms"])) for op in ops]
+        return sum(ms for _, ms in per), per, [layers[op.key]["tuning"] for op in ops]
+
+    def predict(self, model: nn.Module, example: torch.Tensor, family: str | None = None
+                ) -> Prediction:
+        """Sum of the ops' latencies + the family's residual; compiles nothing. Raises
+        MissingLayers if an op has not been measured."""
+        family = family or family_of(model, example)
+        total, per, labels = self._layer_sum(model, example)
+        residual, n = self.residual(family)
+        # NOTE: a negative residual (ops timed alone cost more than fused in the whole) is capped
+        # so that a small candidate never predicts below half of its ops' sum (or <= 0)
+        residual = max(residual, -RESIDUAL_FLOOR * total)
+        tuned = sum(lbl == "tuned" for lbl in labels)
+        untuned = sum(lbl == "untuned" for lbl in labels)
+        kind = "tuned" if tuned == len(labels) else "untuned" if untuned == len(labels) else \
+            f"partly-tuned({tuned}/{len(labels)})"
+        return Prediction(total + residual, per, residual, n,
+                          f"predicted:{self.target_name or '?'}:{kind}")
+
+
+def measure_whole(model: nn.Module, example: torch.Tensor, compiler: Any,
+                  target: TargetSpec | None = None, settings: Measurement | None = None,
+                  atol: float = 1e-3, progress: Any | None = None) -> tuple[Latency, Any]:
+    """Compile a whole model with `compiler` and time it on the target (as the Evaluator does):
+    the measurement `record_whole` learns from and `error_report` checks against."""
+    from search.compile import to_relax
+
+    target = target or compiler.spec
+    with torch.no_grad():
+        reference = model.eval()(example)
+    mod = to_relax(model, example)
+    with device_lock(target):
+        compiled = compiler.compile(mod, progress)
+        latency = run_and_time(compiled.executable, example, reference,
+                               settings or target.measurement, target.device(), atol=atol)
+    return latency, compiled
+
+
+# --------------------------------------------------------------------------------------------
+# how good it is
+
+
+def error_report(pairs: Iterable[tuple[float, float]]) -> dict[str, Any]:
+    """Absolute relative error |predicted - measured| / measured over (predicted, measured)
+    pairs: n, median, 95th percentile (numpy's linear interpolation), max, and the signed
+    median (bias)."""
+    pairs = [(float(p), float(m)) for p, m in pairs]
+    if not pairs:
+        return {"n": 0}
+    rel = np.array([(p - m) / m for p, m in pairs])
+    return {
+        "n": len(pairs),
+        "median_abs_rel_error": float(np.median(np.abs(rel))),
+        "p95_abs_rel_error": float(np.percentile(np.abs(rel), 95)),
+        "max_abs_rel_error": float(np.abs(rel).max()),
+        "median_rel_error": float(np.median(rel)),
+    }
