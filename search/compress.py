@@ -269,7 +269,8 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) not in counted:
             size += p.numel() * p.element_size()
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + sum(  # int8 layers keep buffers
+        m.weight_q.numel() + m.out_features for m in model.modules() if isinstance(m, Int8Linear))
     return ModelStats(params=params, flops=2 * macs, size_bytes=size)
 
 

@@ -33,6 +33,8 @@ class SearchConfig:
     tune_trials_per_task: int = 8  # MetaSchedule trials per new kernel; 0 = untuned (labelled)
     tuning_budget_s: float | None = None  # per run: once spent, new kernels stay untuned
     seed: int = 0
+    heartbeat_s: int = 20  # a worker's running trial writes a heartbeat this often; a trial
+    heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
     knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
     # the others (see search.policy.KNOBS) are opt-in

@@ -46,11 +46,14 @@ class StoppedEarly(optuna.TrialPruned):
     """A candidate dominated by a completed trial, whatever its remaining steps recover.
     Optuna records the trial PRUNED; the message is its `fail_reason`."""
 
-    def __init__(self, message: str, rival: int, step: int, curve: dict[str, float]) -> None:
+    def __init__(self, message: str, rival: int, step: int, curve: dict[str, float],
+                 latency_ms: float, size_bytes: float) -> None:
         super().__init__(message)
         self.rival = rival
         self.step = step
         self.curve = dict(curve)
+        self.latency_ms = latency_ms  # the candidate's (known before the fine-tune): the
+        self.size_bytes = size_bytes  # caller still sets the trial's latency constraint
 
 
 class Hopeless:
@@ -118,7 +121,8 @@ class Hopeless:
             f"{v[ACCURACY]:.4f} > {accuracy:.4f} now + margin {margin:.4f}; latency "
             f"{v[LATENCY]:.4g} <= {latency_ms:.4g} ms; size {int(v[SIZE]):,} <= "
             f"{int(size_bytes):,} bytes)",
-            rival.number, step if step is not None else -1, curve or {})
+            rival.number, step if step is not None else -1, curve or {}, latency_ms,
+            size_bytes)
 
     def on_step(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
                 metric: Callable[[torch.Tensor, torch.Tensor], float], steps: int,
@@ -162,4 +166,4 @@ def checkpoints(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
 def stopped_attrs(exc: StoppedEarly) -> dict[str, Any]:
     """User attrs for a stopped trial: why (fail_reason, as for failed trials), and its curve."""
     return {"fail_reason": str(exc), "stopped_by": exc.rival, "stopped_at_step": exc.step,
-            CURVE_ATTR: exc.curve}
+            CURVE_ATTR: exc.curve, "latency_ms": exc.latency_ms, "size_bytes": exc.size_bytes}

@@ -67,9 +67,18 @@ def distill(student: nn.Module, teacher: torch.Tensor, data: tuple[torch.Tensor,
     computed once, not per step). Raises TrialFailed on a non-finite loss, so the study
     records why and goes on.
     """
-    steps, alpha = options.steps, options.alpha
-    if steps <= 0:
+    if options.steps <= 0:
         return student.eval()
+    with torch.random.fork_rng():  # dropout etc. draw from torch's global generator:
+        torch.manual_seed(seed)  # seeded here, a trial's fine-tune does not depend on the past
+        return _distill(student, teacher, data, options, seed, lr, batch, temperature, penalized)
+
+
+def _distill(student: nn.Module, teacher: torch.Tensor,
+             data: tuple[torch.Tensor, torch.Tensor], options: FinetuneOptions, seed: int,
+             lr: float, batch: int, temperature: float,
+             penalized: list[nn.Parameter] | None) -> nn.Module:
+    steps, alpha = options.steps, options.alpha
     x, y = data
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=lr)

@@ -13,7 +13,8 @@ error on them is reported (`error_report`).
 Decisions:
 - A layer op is one call of a Conv2d or Linear (grouped and depthwise convs included), a `Half`
   (a 16-bit layer with its casts and fp32 bias add: TVM fuses those with the op) or an
-  `Int8Linear` (lowered with `search.int8.lower_int8`, as the int8 pipeline compiles it). Its key
+  `Int8Linear` (the Compiler lowers it to int8 kernels; the key names the target's int8 form,
+  `search.int8.int8_kind`). Its key
   is everything that decides the compiled kernel: op kind, hyper-parameters, weight dtype,
   whether it has a bias, the real input shape and dtype (captured by forward hooks on the
   candidate). Weight values are not part of it: every kernel here is dense, so the op is timed
@@ -74,7 +75,6 @@ class LayerOp:
     make: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     input_dtype: torch.dtype
-    int8: bool = False  # lower with search.int8.lower_int8 before compiling
 
     def example(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
@@ -151,17 +151,18 @@ def _op(m: nn.Module, x: torch.Tensor, int8_kind: str) -> LayerOp:
 
         return LayerOp(key, make, shape, dtype)
     if isinstance(m, Int8Linear):
+        zero_point = int(m.zero_point)
         key = (f"{KEY_VERSION}|int8linear[{int8_kind}](out={m.out_features},"
-               f"zp={int(m.zero_point != 0)})|{where}")
+               f"zp={int(zero_point != 0)})|{where}")
         n_in, n_out = m.in_features, m.out_features
-        act = (m.act_scale, m.zero_point)
+        act = (float(m.act_scale), zero_point)
 
         def make_int8() -> nn.Module:
             from search.int8 import ActQuant
 
             return Int8Linear(nn.Linear(n_in, n_out), ActQuant(*act))
 
-        return LayerOp(key, make_int8, shape, dtype, int8=True)
+        return LayerOp(key, make_int8, shape, dtype)
     bias = m.bias is not None
     base = _conv_key(m, bias) if isinstance(m, nn.Conv2d) else _linear_key(m, bias)
     return LayerOp(f"{KEY_VERSION}|{base}|{where}", lambda: _fresh(m, bias), shape, dtype)
@@ -305,12 +306,7 @@ class LatencyTable:
                 x = op.example()
                 with torch.no_grad():
                     ref = module(x)
-                mod = to_relax(module, x)
-                if op.int8:
-                    from search.int8 import lower_int8
-
-                    mod = lower_int8(mod, kind=self.int8_kind)
-                compiled = compiler.compile(mod, progress)
+                compiled = compiler.compile(to_relax(module, x), progress)  # (lowers int8)
                 latency = run_and_time(compiled.executable, x, ref, settings, target.device(),
                                        atol=_tolerance(module, ref))
             label = _label(compiled.tuned, compiled.tasks)
@@ -397,6 +393,43 @@ def measure_whole(model: nn.Module, example: torch.Tensor, compiler: Any,
         latency = run_and_time(compiled.executable, example, reference,
                                settings or target.measurement, target.device(), atol=atol)
     return latency, compiled
+
+
+def deployed_form(model: nn.Module, policy: Any,
+                  data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of a restructured (not yet fine-tuned) candidate in its deployed structure and
+    precision: what `predict` needs before the fine-tune (the latency does not depend on the
+    weights). Weight sharing is left out (it changes values, not ops: a shared layer computes
+    in fp32), which skips its k-means."""
+    import copy
+    from dataclasses import replace
+
+    from search.compress import apply_precision
+    from search.policy import Policy
+
+    structural = Policy({name: replace(lp, share=0, bits=32) if lp.share else lp
+                         for name, lp in policy.layers.items()})
+    return apply_precision(copy.deepcopy(model), structural, data)
+
+
+def verify_front(items: Iterable[tuple[Any, nn.Module, float, float]], example: torch.Tensor,
+                 table: LatencyTable, compiler: Any, target: TargetSpec | None = None,
+                 family: str | None = None, settings: Measurement | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Compile and measure each front point whole: `items` are (label, deployed model, the
+    latency predicted for it during the search, atol). Each measurement is then recorded
+    (`record_whole`: the residual learns from it) and the error of the predictions as made is
+    reported. Returns one row per point and `error_report` over them."""
+    rows = []
+    for label, model, predicted_ms, atol in items:
+        latency, compiled = measure_whole(model, example, compiler, target, settings, atol)
+        table.record_whole(model, example, latency.median_ms, family, note=f"front {label}")
+        rows.append({"point": label, "predicted_ms": float(predicted_ms),
+                     "measured_ms": latency.median_ms,
+                     "measured_iqr_ms": [latency.p25_ms, latency.p75_ms],
+                     "rel_error": (float(predicted_ms) - latency.median_ms) / latency.median_ms,
+                     "tuning": _label(compiled.tuned, compiled.tasks)})
+    return rows, error_report((r["predicted_ms"], r["measured_ms"]) for r in rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,29 +116,30 @@ def policy_params(policy: Policy, knobs: list[str]) -> dict[str, Any]:
     return {f"{name}.{k}": getattr(lp, k) for name, lp in policy.layers.items() for k in knobs}
 
 
-HEARTBEAT_S = 20  # a running trial's worker writes a heartbeat this often ...
-GRACE_S = 90  # ... and a trial without one for this long is failed and retried
-
-
 def storage_url(run_dir: Path, url: str | None) -> str:
     """The run folder's SQLite file unless an Optuna RDB URL (PostgreSQL, MySQL) is given."""
     return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
+                 ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9, a lost machine)
-    is failed after GRACE_S and enqueued again once (RetryFailedTrialCallback)."""
+    is failed after `grace_s` without a heartbeat and enqueued again once
+    (RetryFailedTrialCallback), by whichever worker next starts a trial."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                max_retry=1))
 
 
-def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool
-               ) -> optuna.Study:
+def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool,
+               heartbeat_s: int = 20, grace_s: int = 90) -> optuna.Study:
     """The run's study (optuna-dashboard opens it: `optuna-dashboard <storage URL>`)."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
-    storage = open_storage(url)
+    storage = open_storage(url, heartbeat_s, grace_s)
     if create:
         return optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS,
                                    sampler=sampler)
@@ -258,7 +260,8 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
     """Create the study (seeded; the run's settings, sensitivity and search space stored as
     study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(url, name, config.seed, config.startup_trials, create=not resume)
+    study = open_study(url, name, config.seed, config.startup_trials, create=not resume,
+                       heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s)
     if resume:
         stored = study.user_attrs.get("space")  # (runs before 0.2 did not store it)
         space = [LayerSpace.from_dict(d) for d in stored] if stored else \
@@ -295,7 +298,10 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
     objective = objective_factory(evaluator, space, budget_ms, run_dir, progress)
     callbacks = [on_trial] if on_trial else []
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
-    while claimed_count(study) < config.trials:
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, re-enqueued
+        if claimed_count(study) >= config.trials:
+            break
         if deadline is not None and time.monotonic() >= deadline:
             break
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)

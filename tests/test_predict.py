@@ -11,13 +11,21 @@ import torch
 from torch import nn
 
 from search.compile import Compiler
-from search.compress import Half, build
-from search.int8 import ActQuant, Int8Linear
-from search.policy import derive_space, uniform
-from search.predict import LatencyTable, MissingLayers, error_report, layer_ops, measure_whole
+from search.compress import Half, build, restructure
+from search.int8 import ActQuant, Int8Linear, int8_kind
+from search.policy import LayerPolicy, Policy, derive_space, uniform
+from search.predict import (
+    LatencyTable,
+    MissingLayers,
+    deployed_form,
+    error_report,
+    layer_ops,
+    measure_whole,
+    verify_front,
+)
 from search.target import Measurement, load_target
 
-FAST = Measurement(number=2, repeat=3, min_repeat_ms=5)
+FAST = Measurement(number=3, repeat=5, min_repeat_ms=20)  # the machine is shared: not 5 ms
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +99,8 @@ def test_prediction_follows_the_measured_whole_model(table, untuned, models, tin
     rank = table.predict(models["rank"], x, family="tiny")
     assert rank.ms < base.ms  # a rank-0.125 model is predicted faster
     measured, _ = measure_whole(models["rank"], x, untuned, settings=FAST)
-    assert measured.median_ms / 3 < rank.ms < measured.median_ms * 3
+    # untuned kernels on a shared machine: a loose factor (bench/bench_predict.py: the figures)
+    assert measured.median_ms / 4 < rank.ms < measured.median_ms * 4
     # the residual is the median over the family's whole-model records
     res0 = table.residual("tiny")[0]
     table.record_whole(models["base"], x, base.layer_sum_ms + res0, family="tiny+rank")
@@ -102,13 +111,40 @@ def test_prediction_follows_the_measured_whole_model(table, untuned, models, tin
 
 def test_16_bit_and_int8_ops_are_measured_as_compiled(untuned, tmp_path):
     torch.manual_seed(0)
-    table = LatencyTable(tmp_path / "layers.json", "host")
+    table = LatencyTable(tmp_path / "layers.json", "host", int8_kind(untuned.target))
     model = nn.Sequential(Half(nn.Linear(32, 16)), nn.ReLU(),
                           Int8Linear(nn.Linear(16, 8), ActQuant(0.05, 0)))
     x = torch.randn(1, 32)
     keys = table.measure_missing(model, x, untuned, settings=FAST)
-    assert len(keys) == 2 and "half[float16]" in keys[0] and "int8linear[plain]" in keys[1]
+    assert len(keys) == 2 and "half[float16]" in keys[0]
+    assert f"int8linear[{table.int8_kind}]" in keys[1]  # lowered to the target's int8 form
     assert table.predict(model, x).ms > 0
+
+
+def test_deployed_form_has_the_ops_of_the_fine_tuned_model(tiny_task):
+    """Before the fine-tune: the structure and precision the deployed model will have."""
+    task = tiny_task
+    policy = Policy({"conv2": LayerPolicy(bits=16), "fc1": LayerPolicy(rank=0.25, bits=8),
+                     "fc2": LayerPolicy(bits=8), "fc3": LayerPolicy(bits=8, share=4)})
+    before = deployed_form(restructure(task.model, policy, task.example, task.train), policy,
+                           task.train)
+    after = build(task.model, policy, task.example, task.train)
+    keys = [op.key for op in layer_ops(before, task.example)]
+    assert keys == [op.key for op in layer_ops(after, task.example)]
+    assert any("half[" in k for k in keys) and sum("int8linear[" in k for k in keys) == 3
+
+
+def test_front_points_are_measured_whole_and_teach_the_residual(table, untuned, models,
+                                                                tiny_task):
+    x = tiny_task.example
+    predicted = table.predict(models["rank"], x, family="front")
+    assert predicted.residual_from == 0
+    rows, report = verify_front([(7, models["rank"], predicted.ms, 1e-3)], x, table, untuned,
+                                family="front", settings=FAST)
+    assert rows[0]["point"] == 7 and rows[0]["tuning"] == "untuned"
+    assert report["n"] == 1 and report["median_abs_rel_error"] == pytest.approx(
+        abs(rows[0]["rel_error"]))
+    assert table.residual("front")[1] == 1  # recorded after the error was taken
 
 
 def _writer(path: str, worker: int) -> None:

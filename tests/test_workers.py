@@ -1,0 +1,168 @@
+"""Parallel workers on one study: local processes on SQLite, 4 workers on a real PostgreSQL
+server (Debian's package, started and stopped here), dead workers' trials retried, and bad
+storage / full disk as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.errors import UserError
+from search.run import check_out_dir
+from tests.conftest import cli_env
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+TINY = {"task": "tests.tasks:tiny", "finetune_steps": 5, "tune_trials_per_task": 0,
+        "startup_trials": 2, "sensitivity": False}
+
+
+def write_config(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({**TINY, **overrides}))
+    return path
+
+
+def search_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", *args], env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_no_trial_lost_or_duplicated(study: optuna.Study, run_dir: Path, trials: int) -> None:
+    states = Counter(t.state for t in study.trials)
+    assert states[optuna.trial.TrialState.RUNNING] == 0
+    assert states[optuna.trial.TrialState.COMPLETE] >= trials
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(len(numbers)))  # one number per trial, no gaps
+    seeds = [t for t in study.trials if t.system_attrs.get("fixed_params")]
+    assert len(seeds) == len({json.dumps(t.params, sort_keys=True) for t in seeds})
+    for t in study.trials:  # every trial's files were written by the worker that ran it
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            result = json.loads((run_dir / "trials" / f"{t.number:04d}" / "result.json")
+                                .read_text())
+            assert result["latency_ms"] == t.user_attrs["latency_ms"]
+
+
+def test_two_local_workers_share_one_study(tmp_path):
+    config = write_config(tmp_path / "c.yaml", trials=6)
+    out = tmp_path / "run"
+    result = search_cli("run", "--config", str(config), "--budget", "1ms", "--out", str(out),
+                        "--workers", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    check_no_trial_lost_or_duplicated(study, out, 6)
+    assert len(list((out / "worker-logs").glob("worker-*.log"))) == 2
+    front = json.loads((out / "front.json").read_text())
+    assert front["workers"] == 2 and front["points"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on a Unix socket (as `nobody` when run as root: initdb
+    refuses root)."""
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("Debian's postgresql package is not installed (apt install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+    root.chmod(0o777)
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    port = _free_port()
+    data = root / "data"
+    subprocess.run([*as_user, PG_BIN / "initdb", "-D", data, "-U", "search", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-l", root / "pg.log", "-w",
+                    "-o", f"-p {port} -k {root} -c listen_addresses='' -c max_connections=60",
+                    "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([PG_BIN / "createdb", "-h", root, "-p", str(port), "-U", "search",
+                        "search"], check=True, capture_output=True)
+        yield f"postgresql://search@/search?host={root}&port={port}"
+    finally:
+        subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_four_workers_on_postgresql_lose_and_duplicate_no_trial(tmp_path, postgres):
+    config = write_config(tmp_path / "c.yaml", trials=8)
+    out = tmp_path / "run"
+    result = search_cli("run", "--config", str(config), "--budget", "1ms", "--out", str(out),
+                        "--workers", "4", "--storage", postgres, "--study", "pg-test")
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="pg-test", storage=postgres)
+    check_no_trial_lost_or_duplicated(study, out, 8)
+    assert study.user_attrs["run"]["storage"] == postgres  # a worker elsewhere can join
+    assert not (out / "study.db").exists()  # the study lives in PostgreSQL only
+    # another worker joining a finished study has nothing to do, and says so
+    joined = search_cli("worker", "pg-test", "--storage", postgres, "--out", str(tmp_path / "w"))
+    assert joined.returncode == 0 and "0 trials finished" in joined.stdout
+
+
+@pytest.mark.slow
+def test_a_dead_workers_trial_is_failed_and_run_again(tmp_path):
+    """kill -9 a worker mid-trial: once its heartbeat is stale, the next worker fails the
+    trial and runs its policy again; the dead trial does not count against the budget."""
+    config = write_config(tmp_path / "c.yaml", trials=2, finetune_steps=1500,
+                          heartbeat_s=1, heartbeat_grace_s=3)
+    out = tmp_path / "run"
+    first = search_cli("run", "--config", str(config), "--budget", "1ms", "--out", str(out),
+                       "--trials", "1")  # makes the study (one trial: the baseline)
+    assert first.returncode == 0, first.stderr[-2000:]
+    url = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="search", storage=url)
+    study.set_user_attr("run", {**study.user_attrs["run"],
+                                "config": {**study.user_attrs["run"]["config"], "trials": 2}})
+    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", "search", "--storage",
+                               url, "--out", str(out)], env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not study.get_trials(
+            states=(optuna.trial.TrialState.RUNNING,)):
+        time.sleep(0.5)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert running, "the worker never started a trial"
+    time.sleep(1)  # into its fine-tune (1500 steps)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(4)  # past the grace period
+    again = search_cli("worker", "search", "--storage", url, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    study = optuna.load_study(study_name="search", storage=url)
+    dead = study.trials[running[0].number]
+    assert dead.state == optuna.trial.TrialState.FAIL and "fail_reason" not in dead.user_attrs
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].params == dead.params  # the same policy again
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2  # the baseline and the retried trial: the dead one did not count
+
+
+def test_unreachable_storage_is_one_line_before_any_work(tmp_path):
+    result = search_cli("run", "--out", str(tmp_path / "r"), "--storage",
+                        f"postgresql://nobody@127.0.0.1:{_free_port()}/none", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot open the study storage" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_disk_without_room_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="MiB free"):
+        check_out_dir(tmp_path / "r", resume=False, min_free_bytes=1 << 62)
