@@ -123,7 +123,7 @@ def check_storage(url: str) -> None:
         open_storage(url)
     except ModuleNotFoundError as exc:
         raise UserError(f"storage {redact(url)}: its database driver is not installed "
-                        f"({exc.name}); for PostgreSQL: pip install psycopg2-binary") from None
+                        f"({exc.name}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors are many; all mean the same
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open the study storage {redact(url)}: {first}") from None

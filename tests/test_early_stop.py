@@ -121,6 +121,13 @@ def test_the_fine_tune_stops_at_the_first_checkpoint():
 def test_distill_calls_back_and_stops():
     model, data, curve = small_model(), digits_like(), {}
     teacher = teacher_logits(small_model(), data[0])
+    # checkpoints only evaluate: a fine-tune that is not stopped ends with the same weights
+    plain, watched = small_model(), small_model()
+    distill(plain, teacher, data, FinetuneOptions(steps=12))
+    distill(watched, teacher, data, FinetuneOptions(steps=12),
+            on_step=checkpoints(watched, data, accuracy, 12, {}))
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), watched.parameters(),
+                                                 strict=True))
     on_step = Hopeless(make_study()).on_step(model, data, accuracy, 12, 2.0, 2000, curve)
     with pytest.raises(StoppedEarly):
         distill(model, teacher, data, FinetuneOptions(steps=12), on_step=on_step)
