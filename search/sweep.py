@@ -21,10 +21,9 @@ Regression rule (per job; previous = the earlier sweep's front points, current =
 - An improvement is a current point that dominates a previous point beyond noise: at least as
   accurate and as fast, and more accurate by more than the tolerance or faster by more than
   the slack.
-- The hypervolume is 2-D (accuracy, latency) over the points within budget, against the
-  reference (accuracy 0, latency = budget), divided by that box: the fraction of
-  [0, 1] x [0, budget] the front dominates. Computed directly here (Optuna 5 exposes no public
-  hypervolume function).
+- The hypervolume is `search.report.hypervolume` (accuracy, latency, size; the reference is the
+  larger uncompressed latency and size of the two runs), the same figure `search compare`
+  prints.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import yaml
 
 from search.config import SearchConfig, parse_duration_ms, parse_timeout_s
 from search.errors import UserError
+from search.report import hypervolume, objectives, reference_for
 from search.target import load_target
 
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -266,18 +266,6 @@ def compare_fronts(previous: list[Point], current: list[Point], budget_ms: float
     return regressions, improvements
 
 
-def hypervolume(points: list[Point], budget_ms: float) -> float:
-    """Fraction of the box accuracy [0, 1] x latency [0, budget] the points dominate."""
-    inside = sorted((p["latency_ms"] / budget_ms, min(1.0, max(0.0, p["accuracy"])))
-                    for p in points if p["latency_ms"] <= budget_ms)
-    area, best = 0.0, 0.0
-    for x, acc in inside:  # fastest first: each more accurate point adds a strip up to x=1
-        if acc > best:
-            area += (1.0 - x) * (acc - best)
-            best = acc
-    return area
-
-
 # --- running a sweep -------------------------------------------------------------------------
 
 
@@ -412,7 +400,14 @@ def _compare(cfg: SweepConfig, date: str, jr: JobResult) -> Comparison | None:
         notes.append(f"latency sources differ: {sorted(map(str, sources[0]))} then "
                      f"{sorted(map(str, sources[1]))}")
     return Comparison(prev_date, prev_dir, prev_points, regressions, improvements,
-                      (hypervolume(prev_points, budget), hypervolume(points, budget)), notes)
+                      _hypervolumes(prev, jr.front), notes)
+
+
+def _hypervolumes(previous: dict[str, Any], current: dict[str, Any]) -> tuple[float, float]:
+    """Both fronts' hypervolume against one reference (as `search compare`)."""
+    ref = reference_for(previous, current)
+    return (hypervolume(map(objectives, previous["points"]), ref),
+            hypervolume(map(objectives, current["points"]), ref))
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -487,7 +482,8 @@ def _job_markdown(jr: JobResult, date: str) -> list[str]:
         return lines + ["No earlier sweep of this job: nothing to compare with.", ""]
     hv0, hv1 = m.hypervolume
     lines += [f"### Moved since {m.date}", "",
-              f"hypervolume (accuracy x latency within budget, as a fraction of the box): "
+              f"hypervolume (accuracy x latency x size, as a fraction of the box up to the "
+              f"uncompressed model): "
               f"{hv0:.4f} -> {hv1:.4f} ({hv1 - hv0:+.4f})", "",
               f"![{job.name}: {m.date} vs {date}](front-moved-{job.name}.png)", ""]
     lines += [f"- note: {n}" for n in m.notes]

@@ -16,7 +16,7 @@ import yaml
 from search.cli import main
 from search.config import SearchConfig
 from search.errors import UserError
-from search.sweep import SweepConfig, compare_fronts, hypervolume
+from search.sweep import SweepConfig, compare_fronts
 from tests.conftest import cli_env
 
 TINY = {"task": "tests.tasks:tiny", "trials": 2, "finetune_steps": 5,
@@ -86,7 +86,7 @@ def test_a_later_sweep_compares_with_the_latest_earlier_one_and_flags_a_regressi
     front_path = sweeps / "2025-01-01" / "fast" / "front.json"
     front = json.loads(front_path.read_text())
     ghost = {**front["points"][0], "trial": 99, "accuracy": 1.0, "latency_ms": 1e-4,
-             "latency_p25_ms": 1e-4, "latency_p75_ms": 1e-4}
+             "latency_p25_ms": 1e-4, "latency_p75_ms": 1e-4, "size_bytes": 1}
     front["points"].insert(0, ghost)
     front_path.write_text(json.dumps(front))
     for decoy in ("2024-12-31", "2025-01-09"):  # older, and later than today: both ignored
@@ -197,9 +197,3 @@ def test_points_beyond_the_budget_are_not_checked_and_improvements_are_listed():
     assert compare_fronts(previous, [pt(5, 0.802, 0.97)], 5.0)[1] == []
 
 
-def test_hypervolume_is_the_dominated_fraction_of_the_budget_box():
-    assert hypervolume([], 5.0) == 0.0
-    assert hypervolume([pt(0, 0.9, 2.5)], 5.0) == pytest.approx(0.45)
-    # a faster, less accurate point adds its strip; one over budget adds nothing
-    assert hypervolume([pt(0, 0.9, 2.5), pt(1, 0.5, 1.0), pt(2, 1.0, 7.0)], 5.0) == \
-        pytest.approx(0.8 * 0.5 + 0.5 * 0.4)
