@@ -36,6 +36,7 @@ class SearchConfig:
     heartbeat_s: int = 20  # a worker's running trial writes a heartbeat this often; a trial
     heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
+    sampler: str = "tpe"  # tpe | random | nsga2 (Optuna samplers)
     knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
     # the others (see search.policy.KNOBS) are opt-in
     sensitivity: bool = True  # measure each layer x knob value alone first (sensitivity.json)
@@ -81,6 +82,11 @@ class SearchConfig:
         if bad or not self.knobs:
             raise UserError(f"{where}: knobs must be a non-empty list of "
                             f"{', '.join(KNOBS)}; got {self.knobs}")
+        from search.study import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}; got "
+                            f"{self.sampler!r}")
         if "rank" in self.knobs and "threshold" in self.knobs:
             raise UserError(f"{where}: search `rank` (by ratio) or `threshold` (by soft "
                             f"thresholding of singular values), not both")

@@ -135,10 +135,24 @@ def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
                 max_retry=1))
 
 
+SAMPLERS = ("tpe", "random", "nsga2")
+
+
+def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """Optuna's multi-objective TPE (default: models the space after `startup_trials`), random
+    search, or NSGA-II (generations of max(4, startup_trials)). TPE and NSGA-II read the
+    latency-budget constraint each trial sets (`set_constraint`); random search ignores it."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, startup_trials))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
 def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool,
-               heartbeat_s: int = 20, grace_s: int = 90) -> optuna.Study:
+               heartbeat_s: int = 20, grace_s: int = 90, sampler: str = "tpe") -> optuna.Study:
     """The run's study (optuna-dashboard opens it: `optuna-dashboard <storage URL>`)."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    sampler = make_sampler(sampler, seed, startup_trials)
     storage = open_storage(url, heartbeat_s, grace_s)
     if create:
         return optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS,
@@ -261,7 +275,8 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
     study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(url, name, config.seed, config.startup_trials, create=not resume,
-                       heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s)
+                       heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s,
+                       sampler=config.sampler)
     if resume:
         stored = study.user_attrs.get("space")  # (runs before 0.2 did not store it)
         space = [LayerSpace.from_dict(d) for d in stored] if stored else \
