@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=3, help="random policies from the space")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-predict.json"))
+    ap.add_argument("--analyze", type=Path, help="only summarize a saved --out file")
     args = ap.parse_args()
+    if args.analyze:
+        summarize(json.loads(args.analyze.read_text()))
+        return
     torch.set_num_threads(1)
 
     config = SearchConfig()
@@ -111,28 +115,48 @@ def main() -> None:
               f"{row['measured_ms']:8.3f} ms  ({err:+.1%})  {row['ops']} ops, "
               f"{row['new_ops']} new in {row['ops_s']} s; whole {row['whole_s']} s "
               f"({row['whole_new_kernels']}/{row['whole_kernels']} kernels tuned)", flush=True)
-    report = error_report((r["predicted_ms"], r["measured_ms"]) for r in rows)
-    # leave-one-out: the residual a table has after the other models were measured whole
-    residuals = {r["policy"]: r["measured_ms"] - r["layer_sum_ms"] for r in rows}
-    loo = []
+    data = {"task": task.name, "trials_per_kernel": args.trials, "baseline": base,
+            "rows": rows}
+    data["errors"] = summarize(data)
+    args.out.write_text(json.dumps(data, indent=1))
+
+
+def summarize(data: dict) -> dict:
+    """The error of each way of turning the op sum into a prediction, on the same pairs: the
+    op sum alone; + the uncompressed model's residual (what the table predicted during the
+    run); and leave-one-out: the residual as the median over all the other whole-model
+    measurements (what the table has once several models were measured whole), additive or
+    as a fraction of the op sum."""
+    base, rows = data["baseline"], data["rows"]
+    add = {r["policy"]: r["measured_ms"] - r["layer_sum_ms"] for r in rows}
+    frac = {r["policy"]: r["measured_ms"] / r["layer_sum_ms"] - 1 for r in rows}
+    add_base = base["measured_ms"] - base["layer_sum_ms"]
+    frac_base = base["measured_ms"] / base["layer_sum_ms"] - 1
+    ways = {"op sum alone": [], "sum + uncompressed model's residual (as run)": [],
+            "sum + leave-one-out median residual": [],
+            "sum x (1 + leave-one-out median fraction)": []}
     for r in rows:
-        others = [base["residual_ms"]] + [v for k, v in residuals.items() if k != r["policy"]]
-        pred = r["layer_sum_ms"] + max(statistics.median(others), -0.5 * r["layer_sum_ms"])
-        loo.append((pred, r["measured_ms"]))
-    report_loo = error_report(loo)
-    print(f"residual from the uncompressed model only: median |error| "
-          f"{report['median_abs_rel_error']:.1%}, p95 {report['p95_abs_rel_error']:.1%}, "
-          f"max {report['max_abs_rel_error']:.1%}, bias {report['median_rel_error']:+.1%} "
-          f"(n={report['n']})")
-    print(f"leave-one-out residual (median over the others): median |error| "
-          f"{report_loo['median_abs_rel_error']:.1%}, p95 {report_loo['p95_abs_rel_error']:.1%}")
+        s, m, k = r["layer_sum_ms"], r["measured_ms"], r["policy"]
+        others_add = [add_base] + [v for j, v in add.items() if j != k]
+        others_frac = [frac_base] + [v for j, v in frac.items() if j != k]
+        ways["op sum alone"].append((s, m))
+        ways["sum + uncompressed model's residual (as run)"].append((r["predicted_ms"], m))
+        ways["sum + leave-one-out median residual"].append(
+            (s + max(statistics.median(others_add), -0.5 * s), m))
+        ways["sum x (1 + leave-one-out median fraction)"].append(
+            (s * (1 + statistics.median(others_frac)), m))
+    out = {}
+    for name, pairs in ways.items():
+        rep = error_report(pairs)
+        out[name] = rep
+        print(f"{name:>45}: median |error| {rep['median_abs_rel_error']:6.1%}  p95 "
+              f"{rep['p95_abs_rel_error']:6.1%}  max {rep['max_abs_rel_error']:6.1%}  bias "
+              f"{rep['median_rel_error']:+6.1%}  (n={rep['n']})")
     ops_total = sum(r["ops_s"] for r in rows)
     whole_total = sum(r["whole_s"] for r in rows)
     print(f"cost over the {len(rows)} candidates: measuring new ops {ops_total:.0f} s, "
           f"compiling + tuning + timing whole {whole_total:.0f} s")
-    args.out.write_text(json.dumps({"task": task.name, "trials_per_kernel": args.trials,
-                                    "baseline": base, "rows": rows, "error": report,
-                                    "error_leave_one_out": report_loo}, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from torch import nn
 
 from search.compress import build
 from search.finetune import evaluate
+from search.int8 import Int8Linear
 from search.policy import LayerPolicy, LayerSpace, Policy, layer_rank
 from search.task import Task
 
@@ -270,13 +271,13 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight a (compressed) layer applies, as one fp32 tensor of the original layer's
     layout: a Linear/Conv2d (possibly wrapped, e.g. a 16-bit layer), or a factorized pair
     multiplied back. None for anything else."""
-    leaves = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    leaves = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | Int8Linear)]
     if len(leaves) == 1:
-        return leaves[0].weight.detach().float()
+        return _weight(leaves[0])
     if len(leaves) != 2:
         return None
-    first, second = (m.weight.detach().float() for m in leaves)
-    if isinstance(leaves[0], nn.Linear) and isinstance(leaves[1], nn.Linear):
+    first, second = (_weight(m) for m in leaves)
+    if all(isinstance(m, nn.Linear | Int8Linear) for m in leaves):
         return second @ first
     if not (isinstance(leaves[0], nn.Conv2d) and isinstance(leaves[1], nn.Conv2d)):
         return None
@@ -285,6 +286,13 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     if first.shape[3] == 1 and second.shape[2] == 1:  # kx1 to r, then 1xk (spatial split)
         return torch.einsum("rcy,orx->ocyx", first[..., 0], second[:, :, 0, :])
     return None
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """A layer's weight in fp32 (an int8 layer's: its int8 values times their scales)."""
+    if isinstance(m, Int8Linear):
+        return m.weight_q.float() * m.weight_scale[:, None]
+    return m.weight.detach().float()
 
 
 # --- truncations from one SVD per layer ---------------------------------------------------

@@ -162,3 +162,28 @@ def test_unstructured_pruning_is_opt_in_and_shows_as_size_not_latency(tmp_path):
     run_tiny(tmp_path / "d", trials=1)
     d = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'd/study.db'}")
     assert not any(k.endswith(".prune") for k in d.trials[0].params)
+
+
+def test_optuna_dashboard_opens_the_study(tiny_run):
+    """The standard Optuna UI reads the run: its API lists the study, named objectives, trials."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    out, _ = tiny_run
+    app = optuna_dashboard.wsgi(f"sqlite:///{out / 'study.db'}")
+
+    def get(path: str) -> dict:
+        env: dict = {}
+        setup_testing_defaults(env)
+        env["PATH_INFO"] = path
+        status = []
+        body = b"".join(app(env, lambda s, h, e=None: status.append(s)))
+        assert status[0].startswith("200"), status
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["search"]
+    study = get(f"/api/studies/{studies[0]['study_id']}")
+    assert len(study["trials"]) == 6
+    assert study["directions"] == ["maximize", "minimize", "minimize"]
