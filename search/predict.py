@@ -5,7 +5,7 @@ layer ops, and most of them repeat across trials (channel counts and ranks are r
 multiple of 8), so each distinct op is compiled and timed once, on the target, with the run's
 Compiler (MetaSchedule, the same tuning database), and a candidate's latency is
 
-    predicted = (sum of its ops' latencies) x (1 + residual(family))
+    predicted = sum of its ops' latencies + residual(family)
 
 while the search runs. The front's points are then compiled and measured whole, and the table's
 error on them is reported (`error_report`).
@@ -14,25 +14,30 @@ Decisions:
 - A layer op is one call of a Conv2d or Linear (grouped and depthwise convs included), a `Half`
   (a 16-bit layer with its casts and fp32 bias add: TVM fuses those with the op) or an
   `Int8Linear` (the Compiler lowers it to int8 kernels; the key names the target's int8 form,
-  `search.int8.int8_kind`). Its key
-  is everything that decides the compiled kernel: op kind, hyper-parameters, weight dtype,
-  whether it has a bias, the real input shape and dtype (captured by forward hooks on the
-  candidate). Weight values are not part of it: every kernel here is dense, so the op is timed
-  as a fresh module with random weights.
+  `search.int8.int8_kind`). Its key is everything that decides the compiled kernel: op kind,
+  hyper-parameters, weight dtype, whether it has a bias, the real input shape and dtype
+  (captured by forward hooks on the candidate). Weight values are not part of it: every kernel
+  here is dense, so the op is timed as a fresh module with random weights.
 - The residual is everything else: activations, pooling, reshapes, adds, the VM's per-call
-  overhead, and above all that the whole model runs other kernels than its ops alone (a Linear
-  fused with the ReLU after it is another workload, tuned separately, with its own luck in 8
-  MetaSchedule trials). It is learned per model family (default: the model's class and input
-  shape; pass the task name) from whole-model measurements given to `record_whole`, as the
-  median over them of (measured / sum of ops - 1), and applied only once MIN_WHOLE (3) models
-  were measured whole; before that the prediction is the op sum alone (`residual_from=0`).
-  Measured (bench/bench_predict.py, digits, tuned): the op sum alone was within 5% of the
-  whole-model latency on compressed candidates, while the uncompressed model measured whole
-  came out 95% above its op sum (its fused 5120-wide kernels tuned worse): one model's
-  residual, applied to all (as first designed: "start at the uncompressed model's"), made
-  every prediction 2-7x too high. A fraction, not milliseconds, because the part that matters
-  is per-kernel tuning and fusion, which scales with the kernels; the median, because a
-  mis-tuned or mis-timed model must not move it. It is at least -50% (never <= 0 ms).
+  overhead, and that the whole model runs other kernels than its ops alone (a Linear fused with
+  the ReLU after it is another workload, tuned separately, with its own luck in 8 MetaSchedule
+  trials). It is learned per model family (default: the model's class and input shape; pass the
+  task name) from whole-model measurements given to `record_whole`: the median over them of
+  (measured - sum of ops), applied only once MIN_WHOLE (3) models of the family were measured
+  whole; until then the prediction is the op sum alone (`residual_from=0`). It is at least
+  -50% of the candidate's op sum (never <= 0 ms).
+  Why not "start at the uncompressed model's residual": measured (bench/bench_predict.py,
+  digits, host, 8 trials per kernel), the uncompressed model ran 25.6 ms whole against an op sum
+  of 13.1 ms (its fused 5120-wide kernels tuned worse), and that one +12.5 ms residual made
+  every compressed prediction 1.6-52x too high (median error +545%); the op sum alone was off
+  by 12% (median; p95 48%), and the median over the other models (leave-one-out) by 8.6% (p95
+  47%). The median, not a fit or a mean, because a mis-tuned or mis-timed model must not move
+  it; milliseconds, not a fraction of the sum (16% median error on the same pairs).
+- Ops of a candidate that the table lacks are tuned together in one MetaSchedule session
+  (`tune_together`), then compiled and timed one by one: tuned one at a time, a big op got only
+  the budget of a one-kernel module (the 5120x5120 Linear measured 16.4 ms alone, more than the
+  whole model's 13.6 ms), and the shared database would have handed those weak records to
+  later whole-model compiles too.
 - Each entry says how it was made (`measured:<target>:tuned|untuned|partly-tuned(k/n)`); a
   prediction is labelled `predicted:<target>:...` the same way. `missing(tuned=True)` also
   lists entries measured untuned, so a table started without tuning is re-measured once tuning
@@ -69,7 +74,7 @@ from search.target import Measurement, TargetSpec
 KEY_VERSION = "v1"  # bump when the key or how an op is timed changes: old entries are ignored
 KEEP_WHOLE = 64  # whole-model records kept per family (the most recent)
 MIN_WHOLE = 3  # whole-model records a family needs before its residual is applied
-RESIDUAL_FLOOR = -0.5  # the residual fraction is at least this
+RESIDUAL_FLOOR = 0.5  # the residual is at least -this x the candidate's op sum
 
 
 @dataclass(frozen=True)
@@ -340,18 +345,18 @@ class LatencyTable:
         return list(self._read()["whole"].get(family, []))
 
     def residual(self, family: str) -> tuple[float, int]:
-        """(the fraction added to an op sum, how many whole-model records it is the median
-        of): 0 and 0 while the family has fewer than `min_whole` records."""
+        """(ms added to an op sum, how many whole-model records it is the median of): 0 and 0
+        while the family has fewer than `min_whole` records."""
         records = self.records(family)
         if len(records) < self.min_whole:
             return 0.0, 0
-        fraction = statistics.median(r["measured_ms"] / r["layer_sum_ms"] - 1 for r in records)
-        return max(fraction, RESIDUAL_FLOOR), len(records)
+        return statistics.median(r["measured_ms"] - r["layer_sum_ms"] for r in records), \
+            len(records)
 
     def record_whole(self, model: nn.Module, example: torch.Tensor, measured_ms: float,
                      family: str | None = None, note: str = "") -> float:
         """Learn from a whole-model measurement (all its ops must be in the table). Returns
-        this model's residual fraction (measured / sum of its ops - 1)."""
+        this model's residual (measured - sum of its ops, ms)."""
         family = family or family_of(model, example)
         layer_sum = self._layer_sum(model, example)[0]
         record = {"measured_ms": float(measured_ms), "layer_sum_ms": layer_sum,
@@ -363,7 +368,7 @@ class LatencyTable:
             del records[:-KEEP_WHOLE]
 
         self._update(change)
-        return float(measured_ms) / layer_sum - 1
+        return float(measured_ms) - layer_sum
 
     def _layer_sum(self, model: nn.Module, example: torch.Tensor
                    ) -> tuple[float, list[tuple[str, float]], list[str]]:
@@ -377,12 +382,12 @@ class LatencyTable:
 
     def predict(self, model: nn.Module, example: torch.Tensor, family: str | None = None
                 ) -> Prediction:
-        """Sum of the ops' latencies x (1 + the family's residual); compiles nothing. Raises
+        """Sum of the ops' latencies + the family's residual; compiles nothing. Raises
         MissingLayers if an op has not been measured."""
         family = family or family_of(model, example)
         total, per, labels = self._layer_sum(model, example)
-        fraction, n = self.residual(family)
-        residual = total * fraction
+        residual, n = self.residual(family)
+        residual = max(residual, -RESIDUAL_FLOOR * total)
         tuned = sum(lbl == "tuned" for lbl in labels)
         untuned = sum(lbl == "untuned" for lbl in labels)
         kind = "tuned" if tuned == len(labels) else "untuned" if untuned == len(labels) else \

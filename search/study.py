@@ -315,7 +315,9 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
     callbacks = [on_trial] if on_trial else []
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, re-enqueued
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, re-run
         if claimed_count(study) >= config.trials:
             break
         if deadline is not None and time.monotonic() >= deadline:
