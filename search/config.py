@@ -36,6 +36,9 @@ class SearchConfig:
     heartbeat_s: int = 20  # a worker's running trial writes a heartbeat this often; a trial
     heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
     startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
+    latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: from
+    # the per-layer latency table while searching (search.predict), front points measured whole
+    early_stop: bool = False  # stop fine-tunes dominated by a completed trial (search.early_stop)
     sampler: str = "tpe"  # tpe | random | nsga2 (Optuna samplers)
     knobs: list[str] = field(default_factory=lambda: ["rank", "sparsity", "bits"])  # searched;
     # the others (see search.policy.KNOBS) are opt-in
@@ -87,6 +90,9 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise UserError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}; got "
                             f"{self.sampler!r}")
+        if self.latency not in ("measured", "predicted"):
+            raise UserError(f"{where}: latency must be measured or predicted; got "
+                            f"{self.latency!r}")
         if "rank" in self.knobs and "threshold" in self.knobs:
             raise UserError(f"{where}: search `rank` (by ratio) or `threshold` (by soft "
                             f"thresholding of singular values), not both")

@@ -59,25 +59,29 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, batch: int = 256) -> tor
 
 def distill(student: nn.Module, teacher: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor],
             options: FinetuneOptions, seed: int = 0, lr: float = 3e-4, batch: int = 64,
-            temperature: float = 4.0, penalized: list[nn.Parameter] | None = None) -> nn.Module:
+            temperature: float = 4.0, penalized: list[nn.Parameter] | None = None,
+            on_step: Callable[[int], None] | None = None) -> nn.Module:
     """`steps` Adam steps on alpha * KL(teacher || student) at `temperature` + (1-alpha) * CE,
     plus the elastic-net penalty on `penalized` weights.
 
     `teacher` holds the teacher's logits on `data` (eval mode is deterministic, so they are
     computed once, not per step). Raises TrialFailed on a non-finite loss, so the study
-    records why and goes on.
+    records why and goes on. `on_step(steps_done)` is called after each step (early stopping,
+    search.early_stop); whatever it raises ends the fine-tune.
     """
     if options.steps <= 0:
         return student.eval()
     with torch.random.fork_rng():  # dropout etc. draw from torch's global generator:
         torch.manual_seed(seed)  # seeded here, a trial's fine-tune does not depend on the past
-        return _distill(student, teacher, data, options, seed, lr, batch, temperature, penalized)
+        return _distill(student, teacher, data, options, seed, lr, batch, temperature, penalized,
+                        on_step)
 
 
 def _distill(student: nn.Module, teacher: torch.Tensor,
              data: tuple[torch.Tensor, torch.Tensor], options: FinetuneOptions, seed: int,
              lr: float, batch: int, temperature: float,
-             penalized: list[nn.Parameter] | None) -> nn.Module:
+             penalized: list[nn.Parameter] | None,
+             on_step: Callable[[int], None] | None = None) -> nn.Module:
     steps, alpha = options.steps, options.alpha
     x, y = data
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +107,8 @@ def _distill(student: nn.Module, teacher: torch.Tensor,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step + 1)
     return student.eval()
 
 

@@ -33,14 +33,26 @@ class Point:
 
 def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Point]:
     points = []
+    measured = study.user_attrs.get("front_measured", {})  # predicted points measured whole
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        a = t.user_attrs
+        a = dict(t.user_attrs)
+        m = measured.get(str(t.number))
+        if m and "error" not in m:
+            a.update(latency_ms=m["measured_ms"], latency_p25_ms=m["measured_iqr_ms"][0],
+                     latency_p75_ms=m["measured_iqr_ms"][1],
+                     latency_source=f"measured:{target_of(a)}:{m['tuning']}")
         policy = Policy.load(run_dir / "trials" / f"{t.number:04d}" / "policy.yaml")
         points.append(Point(t.number, a["accuracy"], a["latency_ms"], a["latency_p25_ms"],
                             a["latency_p75_ms"], a["latency_source"], a["size_bytes"],
                             a["params"], a["flops"], a["latency_ms"] <= budget_ms,
                             policy.to_dict()))
     return points
+
+
+def target_of(attrs: dict[str, Any]) -> str:
+    """The target named in a trial's latency_source (predicted:<target>:...)."""
+    parts = str(attrs.get("latency_source", "")).split(":")
+    return parts[1] if len(parts) > 2 else "?"
 
 
 def _dominates(a: Point, b: Point) -> bool:
@@ -61,7 +73,8 @@ def failures_of(study: optuna.Study) -> list[dict[str, Any]]:
     return [{"trial": t.number,
              "reason": t.user_attrs.get("fail_reason", "its worker stopped (no heartbeat); "
                                                         "retried as a new trial")}
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,
+                                                              optuna.trial.TrialState.PRUNED))]
 
 
 def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: str) -> dict:

@@ -27,6 +27,7 @@ from search.front import write_front
 from search.study import (
     STUDY_NAME,
     finished_count,
+    measure_front,
     open_storage,
     open_study,
     prepare_study,
@@ -189,7 +190,14 @@ def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                 tune_bar.close()
     finally:
         trials_bar.close()
+    latency_table = None
+    if config.latency == "predicted":  # the front's predicted points, compiled and timed whole
+        say("measuring the front's points whole (their latency was predicted) ...")
+        latency_table = measure_front(study, run_dir, task, target,
+                                      make_compiler(target, config, run_dir), info.budget_ms)
     data = write_front(run_dir, study, info.budget_ms, target.name)
+    if latency_table is not None:
+        data["latency_table"] = latency_table
     data["reference"] = reference_latency(task, target)
     data["tuning"] = tuning_summary(study, config, tuning_dir(target))
     data["workers"] = workers

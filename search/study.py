@@ -23,11 +23,13 @@ from torch import nn
 from search.compile import Compiler, to_relax
 from search.compress import ModelStats, apply_precision, model_stats, output_tolerance, restructure
 from search.config import SearchConfig
+from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
 from search.errors import TrialFailed, UserError
 from search.finetune import attach_training_transforms, distill, evaluate, teacher_logits
 from search.lock import device_lock
 from search.measure import Latency, run_and_time
 from search.policy import LayerPolicy, LayerSpace, Policy, derive_space, uniform
+from search.predict import LatencyTable, deployed_form, error_report, verify_front
 from search.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
 from search.target import TargetSpec
 from search.task import Task
@@ -70,21 +72,47 @@ class Evaluator:
         self.compiler = compiler
         self.config = config
         self.teacher = teacher_logits(task.model, task.train[0])
+        # predicted latency while searching: a per-layer table next to the tuning database
+        self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
+            else None
 
-    def __call__(self, policy: Policy, progress: Any | None = None
+    def __call__(self, policy: Policy, progress: Any | None = None,
+                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
                  ) -> tuple[TrialResult, nn.Module]:
+        """`curve` collects the validation accuracy at the fine-tune's checkpoints; with
+        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly."""
         task = self.task
-        start = time.perf_counter()
         model = restructure(task.model, policy, task.example, task.train)
-        if any(not lp.is_identity for lp in policy.layers.values()):
+        identity = all(lp.is_identity for lp in policy.layers.values())
+        predicted, known, table_s = None, None, 0.0
+        if self.table is not None:  # latency and size are known before the fine-tune
+            start = time.perf_counter()
+            shape = deployed_form(model, policy, task.train)
+            self.table.measure_missing(shape, task.example, self.compiler, self.target,
+                                       progress=progress)
+            predicted = self.table.predict(shape, task.example, family=task.name)
+            known = model_stats(shape, policy, task.example)
+            table_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if not identity:
             options = self.config.finetune_options()
             penalized = attach_training_transforms(model, policy, options)
+            on_step = None
+            if curve is not None and hopeless is not None and predicted is not None:
+                on_step = hopeless.on_step(model, task.val, task.metric, options.steps,
+                                           predicted.ms, known.size_bytes, curve)
+            elif curve is not None:
+                on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
             distill(model, self.teacher, task.train, options, seed=self.config.seed,
-                    penalized=penalized)
+                    penalized=penalized, on_step=on_step)
         model = apply_precision(model, policy, task.train)
         accuracy = evaluate(model, task.val, task.metric)
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
+        if predicted is not None and not identity:  # (the baseline is measured whole below)
+            latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0)
+            return TrialResult(accuracy, latency, predicted.source, stats, finetune_s, table_s,
+                               0.0, len(predicted.per_layer), 0), model
 
         with torch.no_grad():
             reference = model(task.example)
@@ -98,6 +126,9 @@ class Evaluator:
                                    atol=output_tolerance(policy))
         source = latency_source(self.target.name, compiled.tuned, compiled.tasks,
                                 latency.emulated_by)
+        if self.table is not None:  # the uncompressed model: a record for the residual
+            self.table.record_whole(model, task.example, latency.median_ms, family=task.name,
+                                    note="uncompressed")
         return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
                            compiled.tuning_s, compiled.tasks, compiled.new_tasks), model
 
@@ -189,6 +220,8 @@ def finished_count(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE:
             done += 1
+        elif t.state == optuna.trial.TrialState.PRUNED:  # stopped early (search.early_stop)
+            done += 1
         elif t.state == optuna.trial.TrialState.FAIL and \
                 t.user_attrs.get("fail_reason", "interrupted") != "interrupted":
             done += 1
@@ -220,6 +253,11 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
     def objective(trial: optuna.Trial) -> tuple[float, float, int]:
         try:
             return evaluate_trial(trial)
+        except StoppedEarly as exc:  # Optuna records it PRUNED (see search.early_stop)
+            for key, value in stopped_attrs(exc).items():
+                trial.set_user_attr(key, value)
+            trial.set_constraint("latency_budget_ms", exc.latency_ms - budget_ms)
+            raise
         except TrialFailed as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
@@ -236,7 +274,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         trial_dir.mkdir(parents=True, exist_ok=True)
         policy.save(trial_dir / "policy.yaml")
         trial.set_user_attr("uncompressed", all(lp.is_identity for lp in policy.layers.values()))
-        result, model = evaluator(policy, progress)
+        curve: dict[str, float] = {}
+        hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
+        result, model = evaluator(policy, progress, hopeless, curve)
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
         attrs = {
@@ -256,6 +296,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "new_kernels": result.new_kernels,
             "precisions": sorted({lp.precision for lp in policy.layers.values()} | {"fp32"}),
             "software_precisions": evaluator.target.software_precisions(policy),
+            CURVE_ATTR: curve,
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -323,3 +364,33 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
         if deadline is not None and time.monotonic() >= deadline:
             break
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+
+
+def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
+                  compiler: Compiler, budget_ms: float, rounds: int = 5) -> dict[str, Any]:
+    """Compile and time whole each front point whose latency was predicted, until the front
+    (recomputed with the measured figures) has none left; report the table's error on them.
+    The figures are a study user attr (`front_measured`: a finished trial's attrs are frozen),
+    which `search.front.points_of` reads in place of the predicted ones."""
+    from search.export import load_trial_model
+    from search.front import pareto, points_of
+
+    table = LatencyTable.for_compiler(compiler)
+    measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
+    for _ in range(rounds):
+        todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
+                if p.latency_source.startswith("predicted") and str(p.trial) not in measured]
+        if not todo:
+            break
+        items = []
+        for p in todo:
+            model, policy = load_trial_model(run_dir, p.trial, task)
+            items.append((p.trial, model, p.latency_ms, output_tolerance(policy)))
+        new_rows, _ = verify_front(items, task.example, table, compiler, target, task.name)
+        for row in new_rows:
+            measured[str(row["point"])] = row
+        study.set_user_attr("front_measured", measured)
+    done = [r for r in measured.values() if "error" not in r]
+    report = error_report((r["predicted_ms"], r["measured_ms"]) for r in done)
+    study.set_user_attr("latency_table_error", report)
+    return {"points": list(measured.values()), "error": report}

@@ -187,3 +187,21 @@ def test_optuna_dashboard_opens_the_study(tiny_run):
     study = get(f"/api/studies/{studies[0]['study_id']}")
     assert len(study["trials"]) == 6
     assert study["directions"] == ["maximize", "minimize", "minimize"]
+
+
+def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error(tmp_path):
+    """latency: predicted ranks trials from the per-layer table; every front point is then
+    compiled and timed whole, says so, and the table's error on them is in front.json."""
+    data = run_tiny(tmp_path / "r", trials=5, latency="predicted", early_stop=True)
+    assert data["points"]
+    for p in data["points"]:
+        assert p["latency_source"].startswith("measured:host:")  # not "predicted"
+    table = data["latency_table"]
+    assert table["error"]["n"] >= 1 and table["error"]["median_abs_rel_error"] >= 0.0
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
+    sources = {t.user_attrs["latency_source"].split(":")[0] for t in study.trials
+               if t.state == optuna.trial.TrialState.COMPLETE}
+    assert "predicted" in sources  # the search itself ran on predictions
+    assert all(optuna.trial.TrialState.COMPLETE == t.state or t.state in
+               (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+               for t in study.trials)
