@@ -336,7 +336,9 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             say(sensitivity_table(sens))
             if config.sensitivity_max_drop is not None:
                 space = narrow_space(space, sens, config.sensitivity_max_drop)
-        study.set_metric_names(["accuracy", "latency_ms", "size_bytes"])  # named in dashboards
+        with warnings.catch_warnings():  # "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["accuracy", "latency_ms", "size_bytes"])  # for dashboards
         study.set_user_attr("run", run_info)
         study.set_user_attr("space", [ls.to_dict() for ls in space])
         enqueue_seeds(study, space, config)
