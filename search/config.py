@@ -58,21 +58,8 @@ class SearchConfig:
     def load(cls, path: Path | None) -> SearchConfig:
         if path is None:
             return cls()
-        if not path.exists():
-            raise UserError(f"config file {str(path)!r} does not exist; pass an existing YAML "
-                            f"file (see configs/default.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: "
-                            f"{str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(known))}")
+        data = read_settings(path, "config file", {f.name for f in fields(cls)},
+                             "pass an existing YAML file (see configs/default.yaml)")
         config = cls(**data)
         config.check(str(path))
         return config
@@ -119,6 +106,25 @@ class SearchConfig:
     def finetune_options(self) -> FinetuneOptions:
         return FinetuneOptions(self.finetune_steps, self.distill_alpha, self.qat,
                                self.dropconnect, self.l1, self.l2)
+
+
+def read_settings(path: Path, what: str, known: set[str], hint: str) -> dict[str, Any]:
+    """A YAML file holding a mapping of known settings; anything else is a one-line UserError
+    (`what` names the file's kind, `hint` says where a good one is)."""
+    if not path.exists():
+        raise UserError(f"{what} {str(path)!r} does not exist; {hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping of settings")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{what} {path}: unknown setting(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(known))}")
+    return data
 
 
 def parse_duration_ms(text: str) -> float:

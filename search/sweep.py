@@ -38,9 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from search.config import SearchConfig, parse_duration_ms, parse_timeout_s
+from search.config import SearchConfig, parse_duration_ms, parse_timeout_s, read_settings
 from search.errors import UserError
 from search.report import hypervolume, objectives, reference_for
 from search.target import load_target
@@ -87,20 +85,8 @@ class SweepConfig:
     @classmethod
     def load(cls, path: Path) -> SweepConfig:
         """Read and check a sweep file; any problem is a one-line UserError."""
-        if not path.exists():
-            raise UserError(f"sweep file {str(path)!r} does not exist; see configs/nightly.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"sweep file {path} is not valid YAML: "
-                            f"{str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"sweep file {path} must hold a mapping with a `jobs` list")
-        known = {f.name for f in fields(cls)} - {"path"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"sweep file {path}: unknown setting(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(known))}")
+        data = read_settings(path, "sweep file", {f.name for f in fields(cls)} - {"path"},
+                             "see configs/nightly.yaml")
         jobs = data.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise UserError(f"sweep file {path}: `jobs` must be a non-empty list of "
