@@ -8,7 +8,7 @@ consistent. torch-pruning traces autograd (not torch.fx), so any model that runs
 Importance (which channels stay) is a knob:
   l2     - group weight L2 norm (tp.importance.GroupMagnitudeImportance), needs no data;
   taylor - first-order |w * dL/dw| (SNIP-style; tp.importance.GroupTaylorImportance) from the
-           gradient of the mean cross-entropy over a few batches;
+           gradient of the task's mean loss over a few batches;
   fisher - Optimal Brain Damage sum(w^2 * F), F the diagonal empirical Fisher (squared
            gradients of 8-sample micro-batches, averaged), tp.importance.GroupHessianImportance.
 """
@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
+
+from search.data import Batch, Inputs, Loss, Split, as_inputs, call, cross_entropy
 
 IMPORTANCES = ("l2", "taylor", "fisher")  # how the channels that go are chosen
 CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
@@ -84,7 +85,7 @@ def _traceable(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _graph(model: nn.Module, example: torch.Tensor
+def _graph(model: nn.Module, example: Inputs
            ) -> tuple[tp.DependencyGraph, set, set]:
     """The dependency graph, and the grad_fns of the model's input and outputs in that trace.
 
@@ -95,11 +96,14 @@ def _graph(model: nn.Module, example: torch.Tensor
     inputs: set = set()
     outputs: set = set()
 
-    def forward(m: nn.Module, x: torch.Tensor) -> object:
-        if x.is_floating_point():  # an op on a grad-requiring copy: a node for the input
-            x = x.detach().clone().requires_grad_(True) * 1.0
-            inputs.add(x.grad_fn)
-        return m(x)
+    def forward(m: nn.Module, xs: Inputs) -> object:
+        args = []
+        for x in as_inputs(xs):
+            if x.is_floating_point():  # an op on a grad-requiring copy: a node for the input
+                x = x.detach().clone().requires_grad_(True) * 1.0
+                inputs.add(x.grad_fn)
+            args.append(x)  # (integer inputs, token ids: no gradient, nothing to mark)
+        return m(*args)
 
     def record(out: object) -> object:
         for o in out if isinstance(out, tuple | list) else [out]:
@@ -108,21 +112,38 @@ def _graph(model: nn.Module, example: torch.Tensor
         return out
 
     with _traceable(model):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=as_inputs(example),
                                                    forward_fn=forward,
                                                    output_transform=record, verbose=False)
     return dg, inputs, outputs
 
 
-def _analyse(model: nn.Module, example: torch.Tensor
+HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")  # HF, timm, GPT-2 ...
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention blocks, however the model writes them: nn.MultiheadAttention, or a module
+    with a head count holding its own q/k/v Linears (Hugging Face's BertSelfAttention, ...).
+    Their projections keep their width: removing channels across heads would make each new
+    head a mix of old ones."""
+    found = []
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            found.append(m)
+        elif any(isinstance(getattr(m, a, None), int) for a in HEAD_ATTRS) and sum(
+                isinstance(c, nn.Linear) for c in m.children()) >= 2:
+            found.append(m)
+    return found
+
+
+def _analyse(model: nn.Module, example: Inputs
              ) -> tuple[tp.DependencyGraph, dict[str, tuple[ChannelGroup, object]]]:
     """Graph plus root name -> (group, tp group over all channels), prunable groups only."""
     dg, inputs, outputs = _graph(model, example)
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     param_names = {p: n for n, p in model.named_parameters()}
-    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    inside = {sub for a in attention for sub in a.modules()}
+    inside = {sub for a in attention_modules(model) for sub in a.modules()}
     result: dict[str, tuple[ChannelGroup, object]] = {}
     for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         roots, members, ok, conv_groups = [], [], True, 1
@@ -151,12 +172,12 @@ def _analyse(model: nn.Module, example: torch.Tensor
     return dg, dict(sorted(result.items(), key=lambda kv: order[kv[0]]))
 
 
-def group_details(model: nn.Module, example: torch.Tensor) -> dict[str, ChannelGroup]:
+def group_details(model: nn.Module, example: Inputs) -> dict[str, ChannelGroup]:
     """Every prunable channel group by root name, with the layers it edits."""
     return {root: info for root, (info, _) in _analyse(model, example)[1].items()}
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def channel_groups(model: nn.Module, example: Inputs) -> dict[str, int]:
     """Root layer name -> output channels, for every group whose channels can be removed.
 
     Never the model's output layer, never a group that reaches into nn.MultiheadAttention.
@@ -181,8 +202,8 @@ def sparsity_choices(channels: int, sparsities: tuple[float, ...],
     return tuple(result)
 
 
-def _gradients(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], kinds: set[str],
-               samples: int, batch: int, fisher_batch: int
+def _gradients(model: nn.Module, data: Split, kinds: set[str], samples: int, batch: int,
+               fisher_batch: int, loss_fn: Loss = cross_entropy
                ) -> dict[str, dict[nn.Parameter, torch.Tensor]]:
     """Per importance kind: parameter -> the tensor its scorer reads as `.grad`.
 
@@ -192,14 +213,13 @@ def _gradients(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], kinds:
     NOTE: tp's GroupHessianImportance.accumulate_grad keys by parameter but checks by name, so
     it keeps only the last sample; the Fisher is accumulated here instead.
     """
-    x, y = data
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:samples]
-    x, y = x[idx], y[idx]
+    sample = Split(data).head(samples, seed=0)
+    total = len(sample)
     params = list(model.parameters())
     sums = {k: {p: torch.zeros_like(p) for p in params} for k in kinds}
 
-    def grads(xb: torch.Tensor, yb: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        loss = F.cross_entropy(model(xb), yb)
+    def grads(b: Batch) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        loss = loss_fn(call(model, b.inputs), b.labels)
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
             if g is not None:
                 yield p, g
@@ -207,13 +227,13 @@ def _gradients(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], kinds:
     with _traceable(model):
         model.eval()  # the deployed function: BatchNorm statistics fixed, no dropout
         if "taylor" in kinds:
-            for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
-                for p, g in grads(xb, yb):
-                    sums["taylor"][p].add_(g, alpha=len(yb) / len(y))
+            for b in sample.batches(batch):
+                for p, g in grads(b):
+                    sums["taylor"][p].add_(g, alpha=len(b) / total)
         if "fisher" in kinds:
-            n = math.ceil(len(y) / fisher_batch)
-            for xb, yb in zip(x.split(fisher_batch), y.split(fisher_batch), strict=True):
-                for p, g in grads(xb, yb):
+            n = math.ceil(total / fisher_batch)
+            for b in sample.batches(fisher_batch):
+                for p, g in grads(b):
                     sums["fisher"][p].addcmul_(g, g, value=1.0 / n)
     return sums
 
@@ -236,9 +256,9 @@ def _prune_indices(imp: torch.Tensor, keep: int, ch_groups: int) -> list[int]:
     return sorted((local[None, :] + torch.arange(ch_groups)[:, None] * size).reshape(-1).tolist())
 
 
-def _choose(model: nn.Module, plan: Mapping[str, tuple[float, str]], example: torch.Tensor,
-            data: tuple[torch.Tensor, torch.Tensor] | None, samples: int, batch: int,
-            fisher_batch: int) -> tuple[tp.DependencyGraph, dict[str, list[int]]]:
+def _choose(model: nn.Module, plan: Mapping[str, tuple[float, str]], example: Inputs,
+            data: Split | None, samples: int, batch: int, fisher_batch: int,
+            loss: Loss = cross_entropy) -> tuple[tp.DependencyGraph, dict[str, list[int]]]:
     """The graph and, per planned root, the channel indices to remove (scored, not yet cut).
 
     Every group is scored on the unpruned model; groups never share output channels, so one
@@ -252,12 +272,13 @@ def _choose(model: nn.Module, plan: Mapping[str, tuple[float, str]], example: to
     active = {name: v for name, v in plan.items() if v[0] > 0.0}
     kinds = {kind for _, kind in active.values() if kind in GRADIENT_IMPORTANCES}
     if kinds and data is None:
-        raise ValueError(f"importance {sorted(kinds)} needs training data (x, y)")
+        raise ValueError(f"importance {sorted(kinds)} needs training data")
     dg, groups = _analyse(model, example)
     for name in active:
         if name not in groups:
             raise ValueError(f"layer {name!r} is not the root of a prunable channel group")
-    grads = _gradients(model, data, kinds, samples, batch, fisher_batch) if kinds else {}
+    grads = _gradients(model, data, kinds, samples, batch, fisher_batch, loss) \
+        if kinds and data is not None else {}
     params = list(model.parameters())
     saved = {p: p.grad for p in params}
     chosen: dict[str, list[int]] = {}
@@ -278,25 +299,25 @@ def _choose(model: nn.Module, plan: Mapping[str, tuple[float, str]], example: to
 
 
 def select_channels(model: nn.Module, plan: Mapping[str, tuple[float, str]],
-                    example: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    samples: int = 64, batch: int = 32, fisher_batch: int = 8
+                    example: Inputs, data: Split | None = None, samples: int = 64,
+                    batch: int = 32, fisher_batch: int = 8, loss: Loss = cross_entropy
                     ) -> dict[str, list[int]]:
     """Root name -> the root's output channels that prune_channels would keep (model untouched)."""
-    _, chosen = _choose(model, plan, example, data, samples, batch, fisher_batch)
+    _, chosen = _choose(model, plan, example, data, samples, batch, fisher_batch, loss)
     channels = channel_groups(model, example)
     return {name: sorted(set(range(channels[name])) - set(idxs)) for name, idxs in chosen.items()}
 
 
 def prune_channels(model: nn.Module, plan: Mapping[str, tuple[float, str]],
-                   example: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   samples: int = 64, batch: int = 32, fisher_batch: int = 8) -> None:
+                   example: Inputs, data: Split | None = None, samples: int = 64,
+                   batch: int = 32, fisher_batch: int = 8, loss: Loss = cross_entropy) -> None:
     """Remove channels in place: root name -> (sparsity, importance in IMPORTANCES).
 
     Kept per group: min(round_channels(n * (1 - sparsity)), n). `data` (x, y) feeds the gradient
-    importances: `samples` rows, cross-entropy, in eval mode. Parameters of pruned layers are
+    importances: `samples` examples, the task's loss, in eval mode. Parameters of pruned layers are
     new nn.Parameter objects (an optimizer built before holds stale ones).
     """
-    dg, chosen = _choose(model, plan, example, data, samples, batch, fisher_batch)
+    dg, chosen = _choose(model, plan, example, data, samples, batch, fisher_batch, loss)
     if not chosen:
         return
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -316,11 +337,11 @@ def prune_channels(model: nn.Module, plan: Mapping[str, tuple[float, str]],
         raise RuntimeError(f"channel pruning changed the output shapes {before} -> {after}")
 
 
-def _output_shapes(model: nn.Module, example: torch.Tensor) -> list[tuple[int, ...]]:
+def _output_shapes(model: nn.Module, example: Inputs) -> list[tuple[int, ...]]:
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.no_grad():
-            out = model.eval()(example)
+            out = model.eval()(*as_inputs(example))
     finally:
         for m, mode in modes.items():
             m.training = mode

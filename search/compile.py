@@ -45,12 +45,14 @@ def light_tensor_intrinsics() -> None:
         importlib.import_module(f"{name}.{arch}")
 
 
-def to_relax(model: nn.Module, example: torch.Tensor) -> Any:
-    """torch.export -> Relax IRModule with the weights bound as constants (folded at compile)."""
+def to_relax(model: nn.Module, example: Any) -> Any:
+    """torch.export -> Relax IRModule with the weights bound as constants (folded at compile).
+    `example`: a tensor or a tuple of every input (batch 1)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    inputs = example if isinstance(example, tuple) else (example,)
     try:
-        ep = torch.export.export(model.eval(), (example,))
+        ep = torch.export.export(model.eval(), inputs)
         return from_exported_program(ep, keep_params_as_input=False,
                                      unwrap_unit_return_tuple=True)
     except Exception as exc:  # noqa: BLE001 - every export/import failure is reported the same

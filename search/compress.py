@@ -17,6 +17,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from search.channels import prune_channels
+from search.data import Inputs, Loss, Split, as_inputs, cross_entropy
 from search.int8 import Int8Linear, calibrate, quantize_linears
 from search.policy import LayerPolicy, Policy, layer_rank
 from search.quantize import Mask, nm_mask, parse_nm, quantize
@@ -117,14 +118,15 @@ def _factorize_spatial(layer: nn.Conv2d, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def restructure(model: nn.Module, policy: Policy, example: torch.Tensor,
-                data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+def restructure(model: nn.Module, policy: Policy, example: Inputs, data: Split | None = None,
+                loss: Loss = cross_entropy) -> nn.Module:
     """The fp32 smaller model of a policy (channels removed, layers factorized, sparsity masks
-    attached); a new copy. `data` (training x, y) feeds gradient channel importances."""
+    attached); a new copy. `data` (training split) and `loss` feed gradient channel
+    importances."""
     model = copy.deepcopy(model).eval()
     plan = {n: (lp.sparsity, lp.importance) for n, lp in policy.layers.items() if lp.sparsity}
     if plan:
-        prune_channels(model, plan, example, data)
+        prune_channels(model, plan, example, data, loss=loss)
     for name, lp in policy.layers.items():
         if lp.factorized:
             layer = model.get_submodule(name)
@@ -157,8 +159,7 @@ def weight_layers(module: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def apply_precision(model: nn.Module, policy: Policy,
-                    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+def apply_precision(model: nn.Module, policy: Policy, data: Split | None = None,
                     calibration: int = 256) -> nn.Module:
     """Make the weights final, in place: sparsity masks and training-time transforms baked in,
     then shared k-means values, int8/int4/ternary/binary per-channel values, or a 16-bit layer.
@@ -196,8 +197,8 @@ def apply_precision(model: nn.Module, policy: Policy,
             else:
                 _set(model, name, Half(target, dtype))
     if int8_linears:
-        x = data[0][:calibration]
-        acts = calibrate(model, int8_linears, [x[i:i + 64] for i in range(0, len(x), 64)])
+        sample = Split(data).head(calibration)
+        acts = calibrate(model, int8_linears, [b.inputs for b in sample.batches(64)])
         quantize_linears(model, acts)
     return model
 
@@ -227,15 +228,15 @@ def share_weights(w: torch.Tensor, bits: int, sample: int = 100_000, seed: int =
     return torch.from_numpy(out).reshape(w.shape).to(w.dtype)
 
 
-def build(model: nn.Module, policy: Policy, example: torch.Tensor,
-          data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+def build(model: nn.Module, policy: Policy, example: Inputs, data: Split | None = None,
+          loss: Loss = cross_entropy) -> nn.Module:
     """Structure and precision without fine-tuning (the deployed form of an untrained candidate).
-    `data`: training (x, y) for gradient channel importances and int8 calibration."""
-    return apply_precision(restructure(model, policy, example, data), policy, data)
+    `data`: the training split, for gradient channel importances and int8 calibration."""
+    return apply_precision(restructure(model, policy, example, data, loss), policy, data)
 
 
 @torch.no_grad()
-def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> ModelStats:
+def model_stats(model: nn.Module, policy: Policy, example: Inputs) -> ModelStats:
     """Parameters, FLOPs and deployed weight bytes of a (compressed) model."""
     macs = 0
 
@@ -248,7 +249,7 @@ def model_stats(model: nn.Module, policy: Policy, example: torch.Tensor) -> Mode
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, nn.Conv2d | nn.Linear | Int8Linear)]
     try:
-        model.eval()(example[:1])
+        model.eval()(*(t[:1] for t in as_inputs(example)))
     finally:
         for h in handles:
             h.remove()

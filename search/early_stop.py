@@ -145,7 +145,7 @@ def checkpoints(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     """An `on_step(step)` callback recording validation accuracy at the checkpoints only (for
     trials that are not checked, e.g. before the study has a history: their curves are that
     history), calling `then(fraction, accuracy, step)` after each."""
-    from search.finetune import evaluate
+    from search.data import evaluate
 
     at = {max(1, round(f * steps)): f for f in fractions if round(f * steps) < steps}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.data import Inputs, as_inputs
 from search.errors import UserError
+from search.measure import onnx_feed
 
 
 @dataclass(frozen=True)
@@ -23,37 +26,53 @@ class Exported:
     policy: Path
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def input_names(model: nn.Module, example: Inputs) -> list[str]:
+    """ONNX input names: the forward's own parameter names (input_ids, attention_mask, ...)."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= len(example):
+        return params[:len(example)]
+    return ["input"] if len(example) == 1 else [f"input{i}" for i in range(len(example))]
+
+
+def _export(model: nn.Module, example: Any, f: Any) -> None:
     """TorchScript-based exporter: no onnxscript graph rewriting, stable op set 17."""
+    inputs = as_inputs(example)
+    torch.onnx.export(model.eval(), inputs, f, input_names=input_names(model, inputs),
+                      output_names=["output"], opset_version=17, dynamo=False)
+
+
+def to_onnx(model: nn.Module, example: Any, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"],
-                              output_names=["logits"], opset_version=17, dynamo=False)
+            _export(model, example, str(path))
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"model does not export to ONNX: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def check_onnx(path: Path, example: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
+def check_onnx(path: Path, example: Any, reference: torch.Tensor, atol: float) -> float:
     """Run the ONNX file in ONNX Runtime; its output must match PyTorch's."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+    out = sess.run(None, onnx_feed(sess, example))[0]
     err = float(np.abs(out - reference.numpy()).max())
     if not err <= atol:
         raise UserError(f"ONNX Runtime output differs from PyTorch by {err:.3g} (> {atol})")
     return err
 
 
-def ort_session_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+def ort_session_bytes(model: nn.Module, example: Any) -> bytes:
     """The model as ONNX bytes (for benchmarks that time ONNX Runtime on the same model)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buf, input_names=["input"],
-                          output_names=["logits"], opset_version=17, dynamo=False)
+        _export(model, example, buf)
     return buf.getvalue()
 
 
@@ -73,7 +92,7 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     task = load_task(info.config.task, **info.config.task_args)
     model, policy = load_trial_model(run_dir, trial, task)
     with torch.no_grad():
-        reference = model(task.example)
+        reference = model(*task.example)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
     to_onnx(model, task.example, onnx_path)
@@ -99,7 +118,7 @@ def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, A
         raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
                         f"pick one from `search front {run_dir}`")
     policy = Policy.load(trial_dir / "policy.yaml")
-    model = build(task.model, policy, task.example, task.train)
+    model = build(task.model, policy, task.example, task.train, task.loss)
     if all(lp.is_identity for lp in policy.layers.values()):
         pass  # the uncompressed model: the task's own weights
     elif (trial_dir / "model.pt").exists():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from search.data import Batch, Loss, Split, call, cross_entropy, outputs_of
 from search.errors import TrialFailed
 from search.policy import Policy
 from search.quantize import DropConnect, FakeQuant
@@ -20,7 +21,7 @@ from search.quantize import DropConnect, FakeQuant
 class FinetuneOptions:
     """How a candidate is fine-tuned (the config's fine-tune settings)."""
 
-    steps: int = 60  # Adam steps, batch 64: the budget
+    steps: int = 60  # Adam steps (batch 64 in memory, the DataLoader's own batch): the budget
     alpha: float = 0.7  # weight of distillation from the uncompressed model; 0 = labels only
     qat: bool = True  # train through the layer's weight quantizer (straight-through estimator)
     dropconnect: float = 0.0  # probability of dropping each weight per step (regularizer)
@@ -50,55 +51,75 @@ def attach_training_transforms(model: nn.Module, policy: Policy,
     return penalized
 
 
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The uncompressed model's logits on the training inputs, computed once per study."""
-    teacher.eval()
-    return torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)])
+class Teacher:
+    """The uncompressed model's outputs on the training data. In memory they are computed once
+    per study and cached by example (eval mode is deterministic); a streamed split (a
+    DataLoader) gets them batch by batch, so the training set is never held at once."""
+
+    def __init__(self, model: nn.Module, data: Split, cache_limit_floats: int = 1 << 26,
+                 batch: int = 256) -> None:
+        self.model = model.eval()
+        self.cache: torch.Tensor | None = None
+        data = Split(data)
+        if data.in_memory:
+            first = next(data.batches(1))
+            with torch.no_grad():
+                per_example = call(self.model, first.inputs).numel()
+            if per_example * len(data) <= cache_limit_floats:
+                self.cache = outputs_of(self.model, data, batch)[0]
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.cache is not None and batch.index is not None:
+            return self.cache[batch.index]
+        return call(self.model.eval(), batch.inputs)
 
 
-def distill(student: nn.Module, teacher: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor],
-            options: FinetuneOptions, seed: int = 0, lr: float = 3e-4, batch: int = 64,
+def _log_probs(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(x.reshape(-1, x.shape[-1]).float() / temperature, dim=-1)
+
+
+def distill(student: nn.Module, teacher: Teacher | nn.Module, data: Split,
+            options: FinetuneOptions,
+            loss_fn: Loss = cross_entropy, seed: int = 0, lr: float = 3e-4, batch: int = 64,
             temperature: float = 4.0, penalized: list[nn.Parameter] | None = None,
             on_step: Callable[[int], None] | None = None) -> nn.Module:
-    """`steps` Adam steps on alpha * KL(teacher || student) at `temperature` + (1-alpha) * CE,
-    plus the elastic-net penalty on `penalized` weights.
+    """`steps` Adam steps on alpha * KL(teacher || student) at `temperature` + (1-alpha) * the
+    task's loss, plus the elastic-net penalty on `penalized` weights.
 
-    `teacher` holds the teacher's logits on `data` (eval mode is deterministic, so they are
-    computed once, not per step). Raises TrialFailed on a non-finite loss, so the study
-    records why and goes on. `on_step(steps_done)` is called after each step (early stopping,
-    search.early_stop); whatever it raises ends the fine-tune.
+    Raises TrialFailed on a non-finite loss, so the study records why and goes on.
+    `on_step(steps_done)` is called after each step (early stopping, search.early_stop);
+    whatever it raises ends the fine-tune.
     """
     if options.steps <= 0:
         return student.eval()
-    with torch.random.fork_rng():  # dropout etc. draw from torch's global generator:
-        torch.manual_seed(seed)  # seeded here, a trial's fine-tune does not depend on the past
-        return _distill(student, teacher, data, options, seed, lr, batch, temperature, penalized,
-                        on_step)
+    data = Split(data)
+    if not isinstance(teacher, Teacher):
+        teacher = Teacher(teacher, data)
+    with torch.random.fork_rng():  # dropout, a DataLoader's sampler: torch's global generator,
+        torch.manual_seed(seed)  # seeded here, so a fine-tune does not depend on the past
+        return _distill(student, teacher, data, options, loss_fn, seed, lr, batch, temperature,
+                        penalized, on_step)
 
 
-def _distill(student: nn.Module, teacher: torch.Tensor,
-             data: tuple[torch.Tensor, torch.Tensor], options: FinetuneOptions, seed: int,
-             lr: float, batch: int, temperature: float,
+def _distill(student: nn.Module, teacher: Teacher, data: Split, options: FinetuneOptions,
+             loss_fn: Loss, seed: int, lr: float, batch: int, temperature: float,
              penalized: list[nn.Parameter] | None,
              on_step: Callable[[int], None] | None = None) -> nn.Module:
-    steps, alpha = options.steps, options.alpha
-    x, y = data
+    alpha = options.alpha
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     student.train()
-    order = torch.randperm(len(y), generator=gen)
-    pos = 0
-    for step in range(steps):
-        if pos + batch > len(order):
-            order, pos = torch.randperm(len(y), generator=gen), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        soft = F.log_softmax(teacher[idx] / temperature, dim=1)
-        logits = student(x[idx])
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True,
-                      reduction="batchmean") * temperature**2
-        loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits, y[idx])
+    batches = data.cycle(batch, gen)
+    for step in range(options.steps):
+        b = next(batches)
+        outputs = call(student, b.inputs)
+        loss = (1 - alpha) * loss_fn(outputs, b.labels) if alpha < 1 else 0.0
+        if alpha > 0:
+            soft = _log_probs(teacher(b), temperature)
+            kd = F.kl_div(_log_probs(outputs, temperature), soft, log_target=True,
+                          reduction="batchmean") * temperature**2
+            loss = loss + alpha * kd
         if penalized and (options.l1 or options.l2):
             loss = loss + sum(options.l1 * w.abs().sum() + options.l2 * w.pow(2).sum()
                               for w in penalized)
@@ -110,13 +131,3 @@ def _distill(student: nn.Module, teacher: torch.Tensor,
         if on_step is not None:
             on_step(step + 1)
     return student.eval()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
-             metric: Callable[[torch.Tensor, torch.Tensor], float], batch: int = 256) -> float:
-    """The task's metric on held-out data, in eval mode."""
-    model.eval()
-    x, y = data
-    logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(y), batch)])
-    return metric(logits, y)

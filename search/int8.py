@@ -93,7 +93,7 @@ class Int8Linear(nn.Module):
                 f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
 
 
-def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[torch.Tensor],
+def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[Any],
               observer: str = "histogram") -> dict[str, ActQuant]:
     """Post-training activation ranges of the named layers' inputs, over a few batches.
 
@@ -112,8 +112,8 @@ def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[to
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
-                model(batch)
+            for batch in batches:  # a tensor, or a tuple of every input
+                model(*(batch if isinstance(batch, tuple) else (batch,)))
     finally:
         for h in hooks:
             h.remove()

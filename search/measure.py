@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from search.data import as_inputs
 from search.device import Device
 from search.errors import TrialFailed
 from search.target import Measurement
@@ -26,7 +27,7 @@ class Latency:
     emulated_by: str | None = None  # e.g. "qemu-aarch64": NOT the device's real latency
 
 
-def run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor,
+def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                  settings: Measurement, device: Device | None = None, atol: float = 1e-3,
                  rtol: float = 1e-2) -> Latency:
     """Run once and compare with `reference` (PyTorch's output), then time with the evaluator.
@@ -56,7 +57,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else ""
 
 
-def _run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tensor,
+def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                   settings: Measurement, session: Any, device: Device, atol: float,
                   rtol: float) -> Latency:
     import tvm
@@ -69,9 +70,9 @@ def _run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tenso
         dev, module = session.cpu(), device.load(session, executable)
         emulation = device.emulation(session)
     vm = relax.VirtualMachine(module, dev)
-    x = tvm.runtime.tensor(example.numpy(), dev)
+    xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(example)]
     try:
-        out = vm["main"](x).numpy()
+        out = vm["main"](*xs).numpy()
     except Exception as exc:  # noqa: BLE001
         if session is not None:
             raise  # maybe the device dropped: the caller retries
@@ -83,17 +84,17 @@ def _run_and_time(executable: Any, example: torch.Tensor, reference: torch.Tenso
         raise TrialFailed(f"compiled output differs from PyTorch (max abs error {err:.3g})")
     timer = vm.time_evaluator("main", dev, number=settings.number, repeat=1,
                               min_repeat_ms=settings.min_repeat_ms)
-    timer(x)  # warm-up: caches, page faults, thread pool
+    timer(*xs)  # warm-up: caches, page faults, thread pool
     samples = []
     for _ in range(settings.repeat):
-        samples.append(timer(x).mean * 1e3)
+        samples.append(timer(*xs).mean * 1e3)
         if settings.cooldown_ms:
             time.sleep(settings.cooldown_ms / 1e3)
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
     return Latency(float(med), float(p25), float(p75), len(samples), emulation)
 
 
-def time_onnxruntime(onnx_bytes: bytes, example: torch.Tensor, settings: Measurement) -> float:
+def time_onnxruntime(onnx_bytes: bytes, example: Any, settings: Measurement) -> float:
     """The reference runtime: median ms of ONNX Runtime (CPU, one thread) on the same input.
 
     Timed like the TVM evaluator: warm-up, then `repeat` repeats of at least `min_repeat_ms`.
@@ -104,7 +105,7 @@ def time_onnxruntime(onnx_bytes: bytes, example: torch.Tensor, settings: Measure
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: example.numpy()}
+    feed = onnx_feed(sess, example)
     for _ in range(5):
         sess.run(None, feed)
     samples = []
@@ -115,3 +116,13 @@ def time_onnxruntime(onnx_bytes: bytes, example: torch.Tensor, settings: Measure
             n += 1
         samples.append((time.perf_counter() - start) * 1e3 / n)
     return statistics.median(samples)
+
+
+def onnx_feed(session: Any, example: Any) -> dict[str, np.ndarray]:
+    """Every input of an ONNX Runtime session, by position."""
+    inputs = as_inputs(example)
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise TrialFailed(f"the ONNX model takes {len(names)} inputs, the task gives "
+                          f"{len(inputs)}")
+    return {n: t.numpy() for n, t in zip(names, inputs, strict=True)}

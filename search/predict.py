@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from search.compress import Half
+from search.data import as_inputs
 from search.errors import TrialFailed
 from search.int8 import Int8Linear
 from search.lock import device_lock, file_lock
@@ -194,7 +195,7 @@ def layer_ops(model: nn.Module, example: torch.Tensor, int8_kind: str = "plain"
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     was_training = model.training
     try:
-        model.eval()(example)
+        model.eval()(*as_inputs(example))
     finally:
         for h in handles:
             h.remove()
@@ -205,7 +206,8 @@ def layer_ops(model: nn.Module, example: torch.Tensor, int8_kind: str = "plain"
 def family_of(model: nn.Module, example: torch.Tensor) -> str:
     """The default residual family: the model's class and input shape."""
     cls = type(model)
-    return f"{cls.__module__}.{cls.__qualname__}[{_tuple(tuple(example.shape))}]"
+    shapes = ",".join(_tuple(tuple(t.shape)) for t in as_inputs(example))
+    return f"{cls.__module__}.{cls.__qualname__}[{shapes}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +448,7 @@ def measure_whole(model: nn.Module, example: torch.Tensor, compiler: Any,
 
     target = target or compiler.spec
     with torch.no_grad():
-        reference = model.eval()(example)
+        reference = model.eval()(*as_inputs(example))
     mod = to_relax(model, example)
     with device_lock(target):
         compiled = compiler.compile(mod, progress)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.data import as_inputs
 from search.errors import TrialFailed, UserError
 from search.policy import LayerPolicy, Policy
 
@@ -47,7 +48,7 @@ class Reference:
 
 def objectives(point: Mapping[str, Any]) -> Objectives:
     """A front.json point (or baseline) as (accuracy, latency_ms, size_bytes)."""
-    return float(point["accuracy"]), float(point["latency_ms"]), float(point["size_bytes"])
+    return float(point["test_accuracy"]), float(point["latency_ms"]), float(point["size_bytes"])
 
 
 def _losses(p: Objectives, ref: Reference) -> tuple[float, float, float]:
@@ -283,7 +284,7 @@ def _inputs(model: nn.Module, names: Sequence[str], example: torch.Tensor
     handles = [model.get_submodule(n).register_forward_pre_hook(capture(n)) for n in names]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            model.eval()(*as_inputs(example))
     finally:
         for h in handles:
             h.remove()
@@ -378,7 +379,7 @@ def trial_layers(run_dir: Path, trial: int, measure: bool = False) -> TrialLayer
     if all(lp.is_identity for lp in policy.layers.values()) or (trial_dir / "model.pt").exists():
         model, _ = load_trial_model(run_dir, trial, task)
     else:  # off the front: its weights were dropped, its structure is the policy's
-        model = build(task.model, policy, task.example, task.train).eval()
+        model = build(task.model, policy, task.example, task.train, task.loss).eval()
         notes.append("this trial is off the front, so its fine-tuned weights were not kept: "
                      "sizes of pruned/shared layers come from the un-fine-tuned build")
     original = task.model.eval()
@@ -481,8 +482,10 @@ def _sens_text(sens: Mapping[str, float | None]) -> str:
 def layers_table(t: TrialLayers) -> str:
     """A trial's per-layer table, with the sums next to the whole model's measured figures."""
     r = t.result
-    lines = [f"trial {t.trial} of {t.run_dir} on {t.target}: accuracy {100 * r['accuracy']:.2f}%,"
-             f" {r['latency_ms']:.3f} ms [{r['latency_source']}], {_size(r['size_bytes'])}"]
+    lines = [f"trial {t.trial} of {t.run_dir} on {t.target}: test accuracy "
+             f"{100 * r['test_accuracy']:.2f}% (val {100 * r['val_accuracy']:.2f}%), "
+             f"{r['latency_ms']:.3f} ms "
+             f"[{r['latency_source']}], {_size(r['size_bytes'])}"]
     has_sens = any(row.sensitivity for row in t.rows)
     timed = any(row.latency_after or row.latency_before for row in t.rows)
     cells = []

@@ -216,9 +216,9 @@ def progress_callback(bar: tqdm, info: RunInfo
                                             states=(optuna.trial.TrialState.COMPLETE,))
                 if t.user_attrs["latency_ms"] <= info.budget_ms]
         if best:
-            top = max(best, key=lambda t: (t.user_attrs["accuracy"], -t.user_attrs["latency_ms"]))
+            top = max(best, key=lambda t: (t.values[0], -t.user_attrs["latency_ms"]))
             bar.set_postfix_str(
-                f"best within budget: #{top.number} {100 * top.user_attrs['accuracy']:.1f}% "
+                f"best within budget: #{top.number} val {100 * top.values[0]:.1f}% "
                 f"{top.user_attrs['latency_ms']:.2f} ms")
 
     return on_trial

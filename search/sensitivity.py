@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import textwrap
 import time
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.compress import build
-from search.finetune import evaluate
+from search.data import Loss, Split, call, cross_entropy, evaluate
 from search.int8 import Int8Linear
 from search.policy import LayerPolicy, LayerSpace, Policy, layer_rank
 from search.task import Task
@@ -205,16 +204,16 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
         total += (grads ** 2).sum(dim=0)
 
 
-def empirical_fisher(model: nn.Module, names: list[str],
-                     data: tuple[torch.Tensor, torch.Tensor], examples: int = 256,
-                     batch: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+def empirical_fisher(model: nn.Module, names: list[str], data: Split, examples: int = 256,
+                     batch: int = 64, seed: int = 0, loss_fn: Loss = cross_entropy
+                     ) -> dict[str, torch.Tensor]:
     """The diagonal empirical Fisher of each named Conv2d/Linear weight: the mean over
-    `examples` training examples (a seeded sample) of the squared gradient of that example's
-    cross-entropy, in eval mode. Per-example gradients come from each layer's input and output
-    gradient (no per-example backward passes); the model's .grad is not touched."""
-    x_all, y_all = data
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(y_all), generator=gen)[:examples]
+    `examples` training examples (a seeded sample in memory; a stream's first ones) of the
+    squared gradient of that example's loss (the task's, a mean over the batch, so it is
+    scaled by the batch size), in eval mode. Per-example gradients come from each layer's
+    input and output gradient (no per-example backward passes); the model's .grad is not
+    touched. Inputs may be integer (token ids): the gradient is taken w.r.t. the weights."""
+    sample = Split(data).head(examples, seed=seed)
     modules = {n: model.get_submodule(n) for n in names}
     totals = {n: torch.zeros(m.weight.shape[0], m.weight[0].numel()) for n, m in modules.items()}
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -234,11 +233,15 @@ def empirical_fisher(model: nn.Module, names: list[str],
         handles.append(m.register_forward_hook(capture(n)))
     was_training = model.training
     model.eval()
+    weights = [m.weight for m in modules.values()]
+    flags = [w.requires_grad for w in weights]
     try:
-        for i in range(0, len(idx), batch):
-            x = x_all[idx[i:i + batch]].clone().requires_grad_(True)
-            loss = F.cross_entropy(model(x), y_all[idx[i:i + batch]], reduction="sum")
-            torch.autograd.grad(loss, x)  # reaches every layer; no weight .grad is written
+        for w in weights:
+            w.requires_grad_(True)
+        for b in sample.batches(batch):
+            with torch.enable_grad():
+                loss = loss_fn(call(model, b.inputs), b.labels) * len(b)  # the per-example sum
+                torch.autograd.grad(loss, weights, allow_unused=True)  # no .grad is written
             for n, m in modules.items():
                 if len(grads[n]) != len(inputs[n]):  # an output the loss does not use
                     inputs[n].clear()
@@ -255,7 +258,9 @@ def empirical_fisher(model: nn.Module, names: list[str],
         for h in handles:
             h.remove()
         model.train(was_training)
-    count = max(1, len(idx))
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+    count = max(1, len(sample))
     return {n: (t / count).reshape(modules[n].weight.shape) for n, t in totals.items()}
 
 
@@ -355,10 +360,11 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
         progress.reset(total=len(todo))
         progress.set_description("sensitivity")
     model = task.model.eval()
-    val = (task.val[0][:val_examples], task.val[1][:val_examples])
+    val = task.val.head(val_examples)
     names = list(dict.fromkeys(ls.name for ls, *_ in todo))
     fisher_s = time.perf_counter()
-    fisher = empirical_fisher(model, names, task.train, batches * batch_size, batch_size, seed)
+    fisher = empirical_fisher(model, names, task.train, batches * batch_size, batch_size, seed,
+                              task.loss)
     fisher_s = time.perf_counter() - fisher_s
     baseline = evaluate(model, val, task.metric)
     originals = {n: model.get_submodule(n).weight.detach().float() for n in names}
@@ -408,9 +414,11 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
             _tick(progress, name, knob, value)
     method = {
         "knobs": list(knobs),
-        "metric_examples": len(val[1]),
-        "fisher_examples": min(batches * batch_size, len(task.train[1])),
-        "loss": "cross_entropy",
+        "metric_examples": len(val),
+        "metric_split": "val",
+        "fisher_examples": min(batches * batch_size, len(task.train)) if task.train.in_memory
+        else batches * batch_size,
+        "loss": getattr(task.loss, "__name__", type(task.loss).__name__),
         "fine_tune": "none",
         "paired": {k: [list(p) for p in v] for k, v in PAIRED.items()},
         "truncation": f"one SVD per layer (exact up to {EXACT_SVD_MAX} on the short side, else "
@@ -424,7 +432,7 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
 
 
 def _evaluate_with_weight(model: nn.Module, name: str, weight: torch.Tensor,
-                          val: tuple[torch.Tensor, torch.Tensor], task: Task) -> float:
+                          val: Split, task: Task) -> float:
     """The metric with one layer's weight replaced (then put back)."""
     target = model.get_submodule(name)
     saved = target.weight.data
@@ -437,9 +445,7 @@ def _evaluate_with_weight(model: nn.Module, name: str, weight: torch.Tensor,
 
 def _build(model: nn.Module, policy: Policy, task: Task) -> nn.Module:
     """build(), with the training data where it takes it (gradient channel importances)."""
-    if "data" in inspect.signature(build).parameters:
-        return build(model, policy, task.example, data=task.train)
-    return build(model, policy, task.example)
+    return build(model, policy, task.example, task.train, task.loss)
 
 
 def _policy(knob: str, value: Any, paired: dict[str, Any], skipped: list[dict[str, Any]],

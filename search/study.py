@@ -23,9 +23,10 @@ from torch import nn
 from search.compile import Compiler, to_relax
 from search.compress import ModelStats, apply_precision, model_stats, output_tolerance, restructure
 from search.config import SearchConfig
+from search.data import evaluate
 from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
 from search.errors import TrialFailed, UserError
-from search.finetune import attach_training_transforms, distill, evaluate, teacher_logits
+from search.finetune import Teacher, attach_training_transforms, distill
 from search.lock import device_lock
 from search.measure import Latency, run_and_time
 from search.policy import LayerPolicy, LayerSpace, Policy, derive_space, uniform
@@ -42,7 +43,8 @@ DIRECTIONS = ["maximize", "minimize", "minimize"]  # accuracy, latency_ms, size_
 class TrialResult:
     """What one candidate measured, and how."""
 
-    accuracy: float
+    val_accuracy: float  # chose: the study's objective
+    test_accuracy: float  # reports: the front's figure (data that chose nothing)
     latency: Latency
     latency_source: str  # e.g. measured:host:tuned
     stats: ModelStats
@@ -71,7 +73,7 @@ class Evaluator:
         self.target = target
         self.compiler = compiler
         self.config = config
-        self.teacher = teacher_logits(task.model, task.train[0])
+        self.teacher = Teacher(task.model, task.train)
         # predicted latency while searching: a per-layer table next to the tuning database
         self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
             else None
@@ -82,7 +84,7 @@ class Evaluator:
         """`curve` collects the validation accuracy at the fine-tune's checkpoints; with
         `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly."""
         task = self.task
-        model = restructure(task.model, policy, task.example, task.train)
+        model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())
         predicted, known, table_s = None, None, 0.0
         if self.table is not None:  # latency and size are known before the fine-tune
@@ -103,19 +105,21 @@ class Evaluator:
                                            predicted.ms, known.size_bytes, curve)
             elif curve is not None:
                 on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
-            distill(model, self.teacher, task.train, options, seed=self.config.seed,
+            distill(model, self.teacher, task.train, options, task.loss, seed=self.config.seed,
                     penalized=penalized, on_step=on_step)
         model = apply_precision(model, policy, task.train)
-        accuracy = evaluate(model, task.val, task.metric)
+        val_accuracy = evaluate(model, task.val, task.metric)
+        test_accuracy = evaluate(model, task.test, task.metric)
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
         if predicted is not None and not identity:  # (the baseline is measured whole below)
             latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0)
-            return TrialResult(accuracy, latency, predicted.source, stats, finetune_s, table_s,
+            return TrialResult(val_accuracy, test_accuracy, latency, predicted.source, stats,
+                               finetune_s, table_s,
                                0.0, len(predicted.per_layer), 0), model
 
         with torch.no_grad():
-            reference = model(task.example)
+            reference = model(*task.example)
         mod = to_relax(model, task.example)
         with device_lock(self.target):  # one trial at a time tunes and times on a device
             start = time.perf_counter()
@@ -129,7 +133,8 @@ class Evaluator:
         if self.table is not None:  # the uncompressed model: a record for the residual
             self.table.record_whole(model, task.example, latency.median_ms, family=task.name,
                                     note="uncompressed")
-        return TrialResult(accuracy, latency, source, stats, finetune_s, compile_s,
+        return TrialResult(val_accuracy, test_accuracy, latency, source, stats, finetune_s,
+                           compile_s,
                            compiled.tuning_s, compiled.tasks, compiled.new_tasks), model
 
 
@@ -280,7 +285,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
         attrs = {
-            "accuracy": result.accuracy,
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": result.test_accuracy,
             "latency_ms": result.latency.median_ms,
             "latency_p25_ms": result.latency.p25_ms,
             "latency_p75_ms": result.latency.p75_ms,
@@ -303,7 +309,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         (trial_dir / "result.json").write_text(json.dumps(
             {**attrs, "policy": policy.to_dict()}, indent=1))
         trial.set_constraint("latency_budget_ms", result.latency.median_ms - budget_ms)
-        return result.accuracy, result.latency.median_ms, result.stats.size_bytes
+        return result.val_accuracy, result.latency.median_ms, result.stats.size_bytes
 
     return objective
 
@@ -338,7 +344,7 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
                 space = narrow_space(space, sens, config.sensitivity_max_drop)
         with warnings.catch_warnings():  # "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["accuracy", "latency_ms", "size_bytes"])  # for dashboards
+            study.set_metric_names(["val_accuracy", "latency_ms", "size_bytes"])  # dashboards
         study.set_user_attr("run", run_info)
         study.set_user_attr("space", [ls.to_dict() for ls in space])
         enqueue_seeds(study, space, config)

@@ -179,7 +179,7 @@ def _slack(p: Point, c: Point, latency_tolerance: float) -> float:
 
 
 def _label(p: Point) -> str:
-    return f"trial {p['trial']} ({100 * p['accuracy']:.2f}%, {p['latency_ms']:.3f} ms)"
+    return f"trial {p['trial']} ({100 * p['test_accuracy']:.2f}%, {p['latency_ms']:.3f} ms)"
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Regression:
 
     def text(self) -> str:
         at_lat = ("nothing" if self.best_at_latency is None
-                  else f"{100 * self.best_at_latency['accuracy']:.2f}% "
+                  else f"{100 * self.best_at_latency['test_accuracy']:.2f}% "
                        f"(trial {self.best_at_latency['trial']})")
         at_acc = ("nothing" if self.fastest_at_accuracy is None
                   else f"{self.fastest_at_accuracy['latency_ms']:.3f} ms "
@@ -223,7 +223,7 @@ class Improvement:
 
 
 def _slim(p: Point) -> Point:
-    return {k: p[k] for k in ("trial", "accuracy", "latency_ms", "latency_p25_ms",
+    return {k: p[k] for k in ("trial", "test_accuracy", "latency_ms", "latency_p25_ms",
                               "latency_p75_ms", "latency_source", "size_bytes") if k in p}
 
 
@@ -236,16 +236,17 @@ def compare_fronts(previous: list[Point], current: list[Point], budget_ms: float
     for p in (p for p in previous if p["latency_ms"] <= budget_ms):
         as_fast = [c for c in current
                    if c["latency_ms"] <= p["latency_ms"] + _slack(p, c, latency_tolerance)]
-        as_good = [c for c in current if c["accuracy"] >= p["accuracy"] - accuracy_tolerance]
+        as_good = [c for c in current
+                   if c["test_accuracy"] >= p["test_accuracy"] - accuracy_tolerance]
         if not any(c in as_good for c in as_fast):
             regressions.append(Regression(
-                p, max(as_fast, key=lambda c: c["accuracy"], default=None),
+                p, max(as_fast, key=lambda c: c["test_accuracy"], default=None),
                 min(as_good, key=lambda c: c["latency_ms"], default=None)))
     improvements = []
     for c in current:
         beaten = [p for p in previous
-                  if c["accuracy"] >= p["accuracy"] and c["latency_ms"] <= p["latency_ms"]
-                  and (c["accuracy"] > p["accuracy"] + accuracy_tolerance
+                  if c["test_accuracy"] >= p["test_accuracy"] and c["latency_ms"] <= p["latency_ms"]
+                  and (c["test_accuracy"] > p["test_accuracy"] + accuracy_tolerance
                        or c["latency_ms"] < p["latency_ms"] - _slack(p, c, latency_tolerance))]
         if beaten:
             improvements.append(Improvement(c, beaten))
@@ -368,6 +369,8 @@ def _compare(cfg: SweepConfig, date: str, jr: JobResult) -> Comparison | None:
     try:
         prev = json.loads((prev_dir / "front.json").read_text())
         prev_points = list(prev["points"])
+        for p in prev_points:  # (front.json before 0.3 had one "accuracy", on validation)
+            p.setdefault("test_accuracy", p.get("accuracy"))
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         return Comparison(prev_date, prev_dir, [], [], [], (0.0, 0.0),
                           [f"previous front.json unreadable ({exc}); not compared"])
@@ -411,7 +414,7 @@ def front_table(points: list[Point]) -> list[str]:
             "|---:|:-:|---:|---:|---:|---:|---|---|"]
     for p in points:
         rows.append(f"| {p['trial']} | {'y' if p['feasible'] else 'n'} | "
-                    f"{100 * p['accuracy']:.2f} | {p['latency_ms']:.3f} | "
+                    f"{100 * p['test_accuracy']:.2f} | {p['latency_ms']:.3f} | "
                     f"{p['latency_p25_ms']:.3f}-{p['latency_p75_ms']:.3f} | "
                     f"{_size(p['size_bytes'])} | {p['latency_source']} | "
                     f"{policy_summary(p['policy'])} |")
@@ -431,12 +434,12 @@ def plot_moved(path: Path, jr: JobResult, date: str) -> None:
                                f"{jr.moved.date}"),
                               (jr.front["points"], dict(color="tab:blue"), date)):
         pts = sorted(pts, key=lambda p: p["latency_ms"])
-        xs, ys = [p["latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts]
+        xs, ys = [p["latency_ms"] for p in pts], [100 * p["test_accuracy"] for p in pts]
         ax.step(xs, ys, where="post", **style)
         ax.scatter(xs, ys, label=label, **style)
     lost = [r.previous for r in jr.moved.regressions]
     if lost:
-        ax.scatter([p["latency_ms"] for p in lost], [100 * p["accuracy"] for p in lost], s=160,
+        ax.scatter([p["latency_ms"] for p in lost], [100 * p["test_accuracy"] for p in lost], s=160,
                    facecolors="none", edgecolors="tab:red", linewidths=2, label="regression")
     ax.axvline(jr.job.budget_ms, color="tab:red", linestyle="--",
                label=f"budget {jr.job.budget_ms:g} ms")

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.data import Loss, Metric, Split, accuracy, as_inputs, cross_entropy, with_output
 from search.errors import UserError
 from search.models import DigitsNet, MobileNetTiny, ResNetTiny, TransformerTiny
 
@@ -28,18 +31,43 @@ DEFAULT_TASK = "search.task:digits"
 
 @dataclass
 class Task:
-    """Everything the search needs to know about a model."""
+    """Everything the search needs to know about a model.
+
+    `train`, `val`, `test`: `(inputs, labels)` tensors or any re-iterable of such batches (a
+    torch DataLoader); inputs a tensor or a tuple of tensors. Validation chooses (sensitivity,
+    early stopping, the sampler's objective), test reports (the front's accuracy): test must be
+    data that chose nothing. `example`: batch 1 of every input, what is compiled and timed.
+    `output` selects the tensor to distill and score when the model returns a tuple or dict.
+    """
 
     name: str
     model: nn.Module  # trained, in eval mode
-    train: tuple[torch.Tensor, torch.Tensor]  # inputs, labels (fine-tuning)
-    val: tuple[torch.Tensor, torch.Tensor]  # held-out inputs, labels (the metric)
-    example: torch.Tensor  # one input, batch 1: what is compiled and timed
-    metric: Callable[[torch.Tensor, torch.Tensor], float]  # logits, labels -> higher is better
+    train: Any  # fine-tuning, channel importance, calibration
+    val: Any  # chooses: sensitivity, early stopping, the sampler's objective
+    example: Any  # a tensor or tuple of tensors, batch 1
+    metric: Metric = accuracy  # outputs, labels -> higher is better
+    test: Any = None  # reports: the front's accuracy
+    loss: Loss = cross_entropy  # outputs, labels -> scalar (fine-tune, Fisher, importance)
+    output: str | int | None = None  # dict key / tuple position of the output to use
 
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise UserError(f"task {self.name!r}: model must be a torch.nn.Module, got "
+                            f"{type(self.model).__name__}")
+        try:
+            self.example = as_inputs(self.example)
+        except TypeError as exc:
+            raise UserError(f"task {self.name!r} example: {exc}") from None
+        if any(len(t) != 1 for t in self.example):
+            raise UserError(f"task {self.name!r}: example must be batch 1 (what is compiled "
+                            f"and timed); got batch sizes {[len(t) for t in self.example]}")
+        if self.test is None:
+            raise UserError(f"task {self.name!r} has no test split: pass Task(test=...), data "
+                            f"that chooses nothing, so the front's accuracy is honest")
+        self.train = Split(self.train, "train")
+        self.val = Split(self.val, "val")
+        self.test = Split(self.test, "test")
+        self.model = with_output(self.model.eval(), self.output, self.example)
 
 
 def cache_dir() -> Path:
@@ -51,7 +79,8 @@ def cache_dir() -> Path:
 
 
 def digits_data(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """scikit-learn's digits, upsampled to 16x16, split 80/20 stratified by a fixed seed."""
+    """scikit-learn's digits, upsampled to 16x16; train / val / test 70/15/15, stratified by a
+    fixed seed (test chooses nothing)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -60,9 +89,12 @@ def digits_data(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     x = (x - 0.3) / 0.4
     y = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_val = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed,
-                                          stratify=y.numpy())
-    return (x[idx_train], y[idx_train]), (x[idx_val], y[idx_val])
+    idx = np.arange(len(y))
+    idx_train, idx_rest = train_test_split(idx, test_size=0.3, random_state=seed,
+                                           stratify=y.numpy())
+    idx_val, idx_test = train_test_split(idx_rest, test_size=0.5, random_state=seed,
+                                         stratify=y.numpy()[idx_rest])
+    return tuple((x[i], y[i]) for i in (idx_train, idx_val, idx_test))
 
 
 def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int,
@@ -83,10 +115,10 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int
 def _digits_task(name: str, make_model: Callable[[], nn.Module], epochs: int, seed: int,
                  key: str) -> Task:
     """Build (seeded) and train a model on digits once; weights are cached under `key`."""
-    train_data, val_data = digits_data(seed)
+    train_data, val_data, test_data = digits_data(seed)
     torch.manual_seed(seed)
     model = make_model()
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(f"{key}-split3".encode()).hexdigest()[:12]
     path = cache_dir() / "tasks" / f"{name}-{digest}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -97,7 +129,8 @@ def _digits_task(name: str, make_model: Callable[[], nn.Module], epochs: int, se
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
-    return Task(name, model, train_data, val_data, val_data[0][:1].clone(), accuracy)
+    return Task(name, model, train_data, val_data, val_data[0][:1].clone(), accuracy,
+                test=test_data)
 
 
 def digits(width: int = 5120, epochs: int = 4, seed: int = 0) -> Task:
@@ -141,9 +174,28 @@ def resolve_entry_point(spec: str) -> Callable[..., Task]:
     return func
 
 
-def load_task(spec: str = DEFAULT_TASK, **kwargs: object) -> Task:
-    """Build a task from its entry point; the function's keyword arguments come from the config."""
-    task = resolve_entry_point(spec)(**kwargs)
+def load_task(spec: str | Task = DEFAULT_TASK, **kwargs: object) -> Task:
+    """Build a task from its entry point (keyword arguments from the config's `task_args`),
+    or take a Task object as it is. A function that rejects its arguments or raises is a
+    one-line UserError naming it."""
+    if isinstance(spec, Task):
+        return spec
+    func = resolve_entry_point(spec)
+    try:
+        inspect.signature(func).bind(**kwargs)
+    except TypeError as exc:
+        params = ", ".join(inspect.signature(func).parameters) or "no arguments"
+        raise UserError(f"task_args for {spec!r}: {exc} (it takes: {params})") from None
+    except ValueError:  # no signature to check (a builtin): let the call say
+        pass
+    try:
+        task = func(**kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"task entry point {spec!r} raised {type(exc).__name__}: {first}"
+                        ) from None
     if not isinstance(task, Task):
         raise UserError(f"task entry point {spec!r} returned {type(task).__name__}, not a Task")
     task.model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from search.data import Split
 from search.task import Task, digits
 
 
@@ -15,10 +16,10 @@ def tiny(width: int = 64) -> Task:
 def nan_data() -> Task:
     """Like `tiny`, but its fine-tuning data holds NaN: every fine-tune fails, on purpose."""
     task = tiny()
-    x, y = task.train
+    (x,), y = task.train.tensors
     x = x.clone()
     x[:, 0, 0, 0] = float("nan")
-    task.train = (x, y)
+    task.train = Split((x, y), "train")
     return task
 
 

@@ -50,7 +50,7 @@ def test_each_compression_shrinks_the_compiled_graph(tiny_task, untuned, policy)
     assert constant_elements(mod) < base
     compiled = untuned.compile(mod)
     with torch.no_grad():
-        ref = model(tiny_task.example)
+        ref = model(*tiny_task.example)
     lat = run_and_time(compiled.executable, tiny_task.example, ref, Measurement(1, 3, 1))
     assert lat.median_ms > 0 and lat.p25_ms <= lat.median_ms <= lat.p75_ms
 
@@ -61,7 +61,7 @@ def test_fp16_layer_is_half_precision_in_the_graph(tiny_task, untuned):
     text = to_relax(model, tiny_task.example).script()
     assert "float16" in text
     with torch.no_grad():
-        ref = model(tiny_task.example)
+        ref = model(*tiny_task.example)
     run_and_time(untuned.compile(to_relax(model, tiny_task.example)).executable,
                  tiny_task.example, ref, Measurement(1, 1, 1), atol=5e-2)
 

@@ -48,7 +48,7 @@ def test_channel_pruning_removes_the_weakest_channels_for_real(tiny_task):
     policy = Policy({"conv1": LayerPolicy(sparsity=0.5)})
     pruned = restructure(model, policy, tiny_task.example)
     assert pruned.conv1.out_channels == 16 and pruned.conv2.in_channels == 16
-    x = tiny_task.val[0][:8]
+    x = tiny_task.val.inputs(8)[0]
     assert torch.allclose(pruned(x), model(x), atol=1e-5)
     assert model_stats(pruned, policy, x).params < model_stats(model, Policy(), x).params
 
@@ -58,7 +58,7 @@ def test_pruning_through_flatten_shrinks_the_linear_inputs(tiny_task):
     model = build(tiny_task.model, policy, tiny_task.example)
     assert model.conv2.out_channels == 48 and model.fc1.in_features == 48 * 8 * 8
     assert model.fc1.out_features == 32 and model.fc2.in_features == 32
-    assert model(tiny_task.example).shape == (1, 10)
+    assert model(*tiny_task.example).shape == (1, 10)
 
 
 def test_precision_halves_or_quarters_the_stored_bytes(tiny_task):
@@ -78,11 +78,11 @@ def test_precision_halves_or_quarters_the_stored_bytes(tiny_task):
 
 def test_magnitude_pruning_zeros_weights_survives_fine_tune_and_stores_sparse(tiny_task):
     from search.compress import apply_precision
-    from search.finetune import FinetuneOptions, distill, teacher_logits
+    from search.finetune import FinetuneOptions, Teacher, distill
 
     policy = Policy({"fc1": LayerPolicy(prune=0.9), "conv2": LayerPolicy(prune=0.5)})
     model = restructure(tiny_task.model, policy, tiny_task.example)
-    distill(model, teacher_logits(tiny_task.model, tiny_task.train[0]), tiny_task.train,
+    distill(model, Teacher(tiny_task.model, tiny_task.train), tiny_task.train,
             FinetuneOptions(steps=5))
     model = apply_precision(model, policy)  # the masks become plain zeros here
     assert sorted(dict(model.fc1.named_parameters())) == ["bias", "weight"]  # masks baked in
@@ -104,6 +104,6 @@ def test_weight_sharing_leaves_2_to_the_b_values_and_counts_codes_not_floats(tin
     fc1 = 4096 * 64
     # fc1 alone goes from 32 to 2 bits per weight (+ a 4-value codebook)
     assert base.size_bytes - shared.size_bytes >= fc1 * 4 - fc1 // 4 - 16
-    x = tiny_task.val[0][:64]
+    x = tiny_task.val.inputs(64)[0]
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.5  # 4 shared values still carry the layer (no fine-tune here)

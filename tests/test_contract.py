@@ -69,7 +69,7 @@ def test_knob_on_model(tasks, compiler, model_name, knob):
     for field in same:
         assert getattr(stats, field) == getattr(base, field), field
     with torch.no_grad():
-        ref = model(task.example)
+        ref = model(*task.example)
     compiled = compiler.compile(to_relax(model, task.example))
     lat = run_and_time(compiled.executable, task.example, ref, Measurement(1, 1, 1),
                        atol=output_tolerance(policy))

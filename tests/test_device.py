@@ -23,7 +23,7 @@ from tests.rpc_helpers import kill, rpc_server, rpc_tracker, wait_key
 def compiled(tiny_task, tmp_path_factory):
     compiler = Compiler(load_target("host"), tmp_path_factory.mktemp("db"), trials_per_task=0)
     with torch.no_grad():
-        ref = tiny_task.model(tiny_task.example)
+        ref = tiny_task.model(*tiny_task.example)
     return compiler.compile(to_relax(tiny_task.model, tiny_task.example)).executable, ref
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
-from search.finetune import FinetuneOptions, distill, teacher_logits
-from search.task import accuracy
+from search.finetune import FinetuneOptions, Teacher, distill
+from search.data import accuracy
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]
 DIST = optuna.distributions.FloatDistribution(0, 1)
@@ -120,7 +120,7 @@ def test_the_fine_tune_stops_at_the_first_checkpoint():
                     reason="search.finetune.distill has no on_step callback yet")
 def test_distill_calls_back_and_stops():
     model, data, curve = small_model(), digits_like(), {}
-    teacher = teacher_logits(small_model(), data[0])
+    teacher = Teacher(small_model(), data)
     # checkpoints only evaluate: a fine-tune that is not stopped ends with the same weights
     plain, watched = small_model(), small_model()
     distill(plain, teacher, data, FinetuneOptions(steps=12))

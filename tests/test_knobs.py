@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from search.compress import Half, apply_precision, build, model_stats, restructure
-from search.finetune import FinetuneOptions, attach_training_transforms, distill, teacher_logits
+from search.finetune import FinetuneOptions, Teacher, attach_training_transforms, distill
 from search.policy import LayerPolicy, Policy, derive_space, soft_threshold_rank, threshold_rank
 from search.quantize import nm_mask, quantize
 from search.target import load_target
@@ -58,7 +58,7 @@ def test_n_m_sparsity_keeps_n_of_every_m_through_the_fine_tune(tiny_task):
 
     policy = Policy({"fc1": LayerPolicy(nm="2:4")})
     model = restructure(tiny_task.model, policy, tiny_task.example)
-    distill(model, teacher_logits(tiny_task.model, tiny_task.train[0]), tiny_task.train,
+    distill(model, Teacher(tiny_task.model, tiny_task.train), tiny_task.train,
             FinetuneOptions(steps=5))
     model = apply_precision(model, policy)
     groups = (model.fc1.weight != 0).reshape(64, -1, 4).sum(dim=2)
@@ -110,7 +110,7 @@ def test_bf16_layers_compute_in_bf16_and_the_target_says_where_that_is_software(
 
 def test_quantization_aware_fine_tune_trains_through_the_quantizer(tiny_task):
     policy = Policy({"fc1": LayerPolicy(bits=2)})
-    teacher = teacher_logits(tiny_task.model, tiny_task.train[0])
+    teacher = Teacher(tiny_task.model, tiny_task.train)
     accs = {}
     for qat in (False, True):
         model = restructure(tiny_task.model, policy, tiny_task.example)
@@ -122,7 +122,7 @@ def test_quantization_aware_fine_tune_trains_through_the_quantizer(tiny_task):
         distill(model, teacher, tiny_task.train, options)
         model = apply_precision(model, policy)
         assert all(len(torch.unique(row)) <= 3 for row in model.fc1.weight)
-        x, y = tiny_task.val
+        (x,), y = tiny_task.val.tensors
         accs[qat] = float((model(x).argmax(1) == y).float().mean())
     assert accs[True] >= accs[False] - 0.02  # training through the quantizer does not hurt
 
@@ -131,7 +131,7 @@ def test_dropconnect_is_random_in_training_and_off_in_evaluation(tiny_task):
     policy = Policy({"fc1": LayerPolicy(rank=0.5)})
     model = restructure(tiny_task.model, policy, tiny_task.example)
     attach_training_transforms(model, policy, FinetuneOptions(dropconnect=0.5, qat=False))
-    x = tiny_task.val[0][:4]
+    x = tiny_task.val.inputs(4)[0]
     model.train()
     model.drop = nn.Identity()  # only the weight noise remains
     assert not torch.allclose(model(x), model(x))
@@ -143,7 +143,7 @@ def test_dropconnect_is_random_in_training_and_off_in_evaluation(tiny_task):
 
 def test_elastic_net_penalty_shrinks_the_compressed_weights(tiny_task):
     policy = Policy({"fc1": LayerPolicy(rank=0.5)})
-    teacher = teacher_logits(tiny_task.model, tiny_task.train[0])
+    teacher = Teacher(tiny_task.model, tiny_task.train)
     norms = []
     for l1 in (0.0, 1e-3):
         model = restructure(tiny_task.model, policy, tiny_task.example)
@@ -170,13 +170,13 @@ def test_int8_linears_become_integer_layers_that_compile_to_int8_kernels(tiny_ta
     assert isinstance(storage_only.fc1, nn.Linear)
     real, stored = (model_stats(m, policy, tiny_task.example) for m in (model, storage_only))
     assert real.flops == stored.flops and abs(real.size_bytes - stored.size_bytes) < 2048
-    x, y = tiny_task.val
+    (x,), y = tiny_task.val.tensors
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.9  # calibrated 8-bit activations keep the predictions
     lowered = lower_int8(to_relax(model, tiny_task.example), target=load_target("host").tvm())
     assert len(int8_kernels(lowered)) == 3  # fc1 and both factors of fc2
     with torch.no_grad():
-        ref = model(tiny_task.example)
+        ref = model(*tiny_task.example)
     compiled = Compiler(load_target("host"), tmp_path / "db", trials_per_task=0).compile(
         to_relax(model, tiny_task.example))
     assert run_and_time(compiled.executable, tiny_task.example, ref, Measurement(1, 1, 1),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from search.compress import build
-from search.finetune import evaluate
+from search.data import evaluate
 from search.policy import KNOBS, LayerPolicy, Policy, derive_space
 from search.sensitivity import (
     PAIRED,
@@ -96,15 +96,14 @@ def test_fisher_grows_as_the_rank_shrinks(space, sens):
 
 def test_truncation_matches_a_built_factorization(task, space, sens):
     """The one-SVD-per-layer shortcut gives build()'s model: same weight, same metric."""
-    val = (task.val[0][:sens.method["metric_examples"]], task.val[1][:sens.method[
-        "metric_examples"]])
+    val = task.val.head(sens.method["metric_examples"])
     fisher = empirical_fisher(task.model, [ls.name for ls in space], task.train)
     for ls in space:
         for rank in ls.choices("rank")[1:]:
             built = build(task.model, Policy({ls.name: LayerPolicy(rank=rank)}), task.example)
             entry = sens.get(ls.name, "rank", rank)
             assert evaluate(built, val, task.metric) == pytest.approx(entry.metric,
-                                                                        abs=1.5 / len(val[1]))
+                                                                        abs=1.5 / len(val))
             w = effective_weight(built.get_submodule(ls.name))
             proxy = fisher_proxy(fisher[ls.name], task.model.get_submodule(ls.name).weight, w)
             assert proxy == pytest.approx(entry.fisher, rel=1e-3)
@@ -140,7 +139,7 @@ def test_fisher_leaves_the_model_alone(task, space):
 
 
 def test_fisher_of_a_linear_layer_is_the_mean_squared_per_example_gradient(task):
-    x, y = task.train[0][:6], task.train[1][:6]
+    (x,), y = task.train.head(6).tensors
     fisher = empirical_fisher(task.model, ["fc2"], (x, y), examples=6, batch=4)
     w = task.model.fc2.weight
     want = torch.zeros_like(w)

@@ -40,12 +40,13 @@ def test_a_run_writes_a_front_a_user_can_pick_from(tiny_run):
     for name in ("study.db", "front.json", "front.csv", "pareto.png", "run.yaml"):
         assert (out / name).stat().st_size > 0, name
     front = json.loads((out / "front.json").read_text())
-    assert set(front["baseline"]) >= {"accuracy", "latency_ms", "size_bytes"}
+    assert set(front["baseline"]) >= {"test_accuracy", "val_accuracy", "latency_ms",
+                                      "size_bytes"}
     assert front["trials"]["complete"] == 6 and front["points"]
     for p in front["points"]:
-        assert set(p) >= {"trial", "accuracy", "latency_ms", "latency_source", "size_bytes",
-                          "feasible", "policy"}
-        assert 0.0 <= p["accuracy"] <= 1.0
+        assert set(p) >= {"trial", "test_accuracy", "val_accuracy", "latency_ms",
+                          "latency_source", "size_bytes", "feasible", "policy"}
+        assert 0.0 <= p["test_accuracy"] <= 1.0 and 0.0 <= p["val_accuracy"] <= 1.0
         assert p["latency_source"] == "measured:host:untuned"  # tuning was off: it says so
         assert p["feasible"] == (p["latency_ms"] <= 0.5)
         assert (out / "front" / f"trial_{p['trial']:04d}.yaml").exists()
@@ -53,7 +54,7 @@ def test_a_run_writes_a_front_a_user_can_pick_from(tiny_run):
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for p in front["points"]:
-        assert not any(t.values[0] > p["accuracy"] and t.values[1] < p["latency_ms"]
+        assert not any(t.values[0] > p["val_accuracy"] and t.values[1] < p["latency_ms"]
                        and t.values[2] < p["size_bytes"] for t in done)
 
 

@@ -74,7 +74,7 @@ def test_a_sweep_runs_every_job_reports_both_fronts_and_survives_a_failing_job(d
         assert f"## {name}" in md and f"![Pareto front of {name}]({name}/pareto.png)" in md
         for p in jobs[name]["front"]:
             ok = "y" if p["latency_ms"] <= jobs[name]["budget_ms"] else "n"
-            assert f"| {p['trial']} | {ok} | {100 * p['accuracy']:.2f} |" in md
+            assert f"| {p['trial']} | {ok} | {100 * p['test_accuracy']:.2f} |" in md
     assert "**failed**: task entry point" in md
     assert "report.md" in out
 
@@ -85,7 +85,7 @@ def test_a_later_sweep_compares_with_the_latest_earlier_one_and_flags_a_regressi
     # doctor day 1: a point faster and more accurate than anything the tiny task can reach
     front_path = sweeps / "2025-01-01" / "fast" / "front.json"
     front = json.loads(front_path.read_text())
-    ghost = {**front["points"][0], "trial": 99, "accuracy": 1.0, "latency_ms": 1e-4,
+    ghost = {**front["points"][0], "trial": 99, "test_accuracy": 1.0, "latency_ms": 1e-4,
              "latency_p25_ms": 1e-4, "latency_p75_ms": 1e-4, "size_bytes": 1}
     front["points"].insert(0, ghost)
     front_path.write_text(json.dumps(front))
@@ -168,7 +168,7 @@ def test_the_example_nightly_file_loads():
 
 
 def pt(trial: int, acc: float, ms: float, iqr: float = 0.0) -> dict:
-    return {"trial": trial, "accuracy": acc, "latency_ms": ms,
+    return {"trial": trial, "test_accuracy": acc, "latency_ms": ms,
             "latency_p25_ms": ms - iqr / 2, "latency_p75_ms": ms + iqr / 2}
 
 
