@@ -1,0 +1,30 @@
+"""search: hardware-aware model-compression search.
+
+    from search import Task, search
+    front = search(task, target="host", budget="5ms", trials=24, out="runs/x")
+
+Names are imported on first use (PEP 562), so `search --help` does not load torch and TVM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search.api import Front, open_front, search
+    from search.config import SearchConfig
+    from search.data import Split
+    from search.task import Task
+
+__all__ = ["Front", "SearchConfig", "Split", "Task", "open_front", "search"]
+
+_WHERE = {"search": "search.api", "open_front": "search.api", "Front": "search.api",
+          "Task": "search.task", "Split": "search.data", "SearchConfig": "search.config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'search' has no attribute {name!r}")

@@ -17,6 +17,7 @@ examples:
   search run --config configs/default.yaml --target host --budget 5ms
   search run --out runs/host-5ms --resume        # continue an interrupted run
   search front runs/host-5ms                     # print the Pareto front again
+  search finetune runs/host-5ms 7 --steps 600    # recover accuracy of a chosen point first
   search export runs/host-5ms 7                  # ONNX + TVM library + policy of trial 7
   search run --target raspberry-pi --rpc 192.168.1.20:9090 --budget 20ms
   search run --target raspberry-pi --tracker 10.0.0.2:9190 --key rpi4b
@@ -98,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("trial", type=int, help="trial number, as in the front table")
     export.add_argument("--out", type=Path, help="[default: RUN_DIR/export/trial_N]")
 
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a chosen front point longer before you export it",
+        description="More distillation steps from the uncompressed model for one trial, from "
+                    "its own fine-tuned weights; prints test accuracy before and after. "
+                    "`search export` then writes the fine-tuned model.",
+        epilog="example:\n  search finetune runs/host-5ms 7 --steps 600",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_argument("run_dir", type=Path)
+    finetune.add_argument("trial", type=int, help="trial number, as in the front table")
+    finetune.add_argument("--steps", type=int, default=500,
+                          help="extra fine-tune steps [default: 500]")
+
     sub.add_parser("targets", help="list the devices a run can target, and how each is reached")
 
     show = sub.add_parser("show", help="a trial layer by layer: knobs, params and bytes before "
@@ -133,9 +146,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from search.config import SearchConfig, parse_duration_ms, parse_timeout_s
-    from search.front import table
-    from search.run import RunInfo, prepare, search
+    from search.api import search
+    from search.config import parse_timeout_s
+    from search.run import RunInfo
     from search.study import redact
 
     if args.resume and args.out is None:
@@ -143,32 +156,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{Path(args.target).stem}-{args.budget.strip()}"
     device = {k: v for k, v in (("rpc", args.rpc), ("tracker", args.tracker),
                                 ("key", args.key)) if v}
-    if args.resume:  # target, budget and config come from the run folder
-        info = RunInfo.load(out)
-        target_name, budget_ms, config = info.target, info.budget_ms, info.config
-        device = device or info.device
-    else:
-        target_name, budget_ms = args.target, parse_duration_ms(args.budget)
-        config = SearchConfig.load(args.config)
-    if args.trials is not None:
-        config.trials = args.trials
+    settings = {}
     if args.timeout is not None:
-        config.timeout = parse_timeout_s(args.timeout)
+        settings["timeout"] = parse_timeout_s(args.timeout)
     if args.seed is not None:
-        config.seed = args.seed
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    storage = args.storage or (info.storage if args.resume else None)
-    study = args.study or (info.study if args.resume else None)
-    target, info = prepare(target_name, budget_ms, config, out, resume=args.resume,
-                           device=device, storage=storage, study=study)
+        settings["seed"] = args.seed
     try:
-        data = search(out, target, info, args.resume, workers=args.workers)
+        front = search(None, args.target, args.budget, trials=args.trials, out=out,
+                       config=args.config, resume=args.resume, workers=args.workers,
+                       storage=args.storage, study=args.study, device=device or None,
+                       **settings)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished trials are kept. Continue with: "
               f"search run --out {out} --resume", file=sys.stderr)
         return 130
-    print(table(data))
+    data, info = front.data, RunInfo.load(out)
+    print(front.table())
     t = data["tuning"]
     print(f"tuning: {t['kernels_tuned']} new kernels, {t['seconds']:.0f} s "
           f"({t['trials_per_kernel']} MetaSchedule trials each; database {t['database']})")
@@ -209,6 +212,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"TVM library {result.tvm_library}  (load with tvm.runtime.load_module, run with "
           f"relax.VirtualMachine)")
     print(f"policy      {result.policy}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from search.api import open_front
+
+    done = open_front(args.run_dir).finetune(args.trial, args.steps)
+    print(f"trial {done.trial}: {done.steps} more fine-tune steps in {done.seconds:.0f} s: test "
+          f"accuracy {100 * done.test_before:.2f}% -> {100 * done.test_after:.2f}% (val "
+          f"{100 * done.val_before:.2f}% -> {100 * done.val_after:.2f}%)")
+    print(f"weights {done.weights}; `search export {args.run_dir} {done.trial}` now writes "
+          f"this model")
     return 0
 
 
@@ -264,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree notices
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     handler = {"run": _cmd_run, "front": _cmd_front, "export": _cmd_export,
+               "finetune": _cmd_finetune,
                "targets": _cmd_targets, "worker": _cmd_worker,
                "sweep": _cmd_sweep, "show": _cmd_show, "compare": _cmd_compare}[args.command]
     try:

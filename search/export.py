@@ -76,8 +76,10 @@ def ort_session_bytes(model: nn.Module, example: Any) -> bytes:
     return buf.getvalue()
 
 
-def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
-    """Rebuild trial `trial` of a run from its policy and weights, and write it out."""
+def export_trial(run_dir: Path, trial: int, out: Path, task: Any = None) -> Exported:
+    """Rebuild trial `trial` of a run from its policy and weights (the long fine-tune's, if
+    `search finetune` ran), and write it out. `task`: the run's Task (loaded from the run's
+    entry point when not given)."""
     import shutil
 
     from search.compile import Compiler, to_relax
@@ -89,7 +91,8 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
     trial_dir = run_dir / "trials" / f"{trial:04d}"
     target = info.load_target()
     setup_threads(target)
-    task = load_task(info.config.task, **info.config.task_args)
+    if task is None:
+        task = load_task(info.config.task, **info.config.task_args)
     model, policy = load_trial_model(run_dir, trial, task)
     with torch.no_grad():
         reference = model(*task.example)
@@ -109,7 +112,8 @@ def export_trial(run_dir: Path, trial: int, out: Path) -> Exported:
 
 
 def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, Any]:
-    """A trial's deployed model: rebuilt from its policy, with its fine-tuned weights."""
+    """A trial's deployed model: rebuilt from its policy, with its fine-tuned weights (those of
+    the long fine-tune, `finetuned.pt`, when `search finetune` ran)."""
     from search.compress import build
     from search.policy import Policy
 
@@ -121,6 +125,8 @@ def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, A
     model = build(task.model, policy, task.example, task.train, task.loss)
     if all(lp.is_identity for lp in policy.layers.values()):
         pass  # the uncompressed model: the task's own weights
+    elif (trial_dir / "finetuned.pt").exists():
+        model.load_state_dict(torch.load(trial_dir / "finetuned.pt", weights_only=True))
     elif (trial_dir / "model.pt").exists():
         model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
     else:

@@ -93,10 +93,7 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
                        "size_bytes": "minimize"},
         "accuracy": "test_accuracy is measured on the test split, which chose nothing; "
                     "the front and the sampler use val_accuracy",
-        "baseline": None if base is None else {
-            "trial": base.trial, "test_accuracy": base.test_accuracy,
-            "val_accuracy": base.val_accuracy, "latency_ms": base.latency_ms,
-            "latency_source": base.latency_source, "size_bytes": base.size_bytes},
+        "baseline": None if base is None else asdict(base),
         "emulated": any(p.latency_source.startswith("emulated") for p in points),
         "points": [asdict(p) for p in front],
         "trials": {"complete": len(points), "failed": failures_of(study)},
@@ -114,7 +111,8 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
     on_front = {p.trial for p in front}
     for p in points:  # dominated now means dominated forever: their weights are not needed
         if p.trial not in on_front:
-            (run_dir / "trials" / f"{p.trial:04d}" / "model.pt").unlink(missing_ok=True)
+            for name in ("model.pt", "trainable.pt"):
+                (run_dir / "trials" / f"{p.trial:04d}" / name).unlink(missing_ok=True)
     policies = run_dir / "front"
     shutil.rmtree(policies, ignore_errors=True)
     policies.mkdir()

@@ -36,7 +36,7 @@ from search.study import (
     work,
 )
 from search.target import TargetSpec, load_target
-from search.task import Task, cache_dir, load_task, resolve_entry_point
+from search.task import PYTHON_TASK, Task, cache_dir, load_task, resolve_entry_point
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: P
                    study or (run_dir.name if storage else STUDY_NAME))
     target = info.load_target()
     target.check()  # a device target: the device answers, before anything is trained
-    resolve_entry_point(config.task)
+    if not config.task.startswith(PYTHON_TASK):
+        resolve_entry_point(config.task)
     if config.trials < 1:
         raise UserError(f"trials must be at least 1, got {config.trials}")
     check_out_dir(run_dir, resume, own_storage=storage is None)
@@ -155,16 +156,18 @@ def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path) -> Co
                     budget_s=config.tuning_budget_s)
 
 
-def search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
-           show_progress: bool = True, workers: int = 1) -> dict[str, Any]:
+def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
+               show_progress: bool = True, workers: int = 1, task: Task | None = None
+               ) -> dict[str, Any]:
     """Run (or resume) the study, in this process or in `workers` worker processes sharing
-    its storage, then write and return the front."""
+    its storage, then write and return the front. `task`: a Task object (search.api);
+    otherwise the config's entry point builds it."""
     setup_threads(target)
     config = info.config
     say = print if show_progress else (lambda *a, **k: None)
     start = time.perf_counter()
     say(f"task {config.task}: loading (the default model trains once, then is cached) ...")
-    task: Task = load_task(config.task, **config.task_args)  # cached before workers start
+    task = task if task is not None else load_task(config.task, **config.task_args)
     say(f"task {task.name} ready in {time.perf_counter() - start:.0f} s; tuning database "
         f"{tuning_dir(target)}")
     url = info.url(run_dir)

@@ -36,6 +36,7 @@ from search.target import TargetSpec
 from search.task import Task
 
 STUDY_NAME = "search"
+TRAINABLE = "trainable.pt"  # a trial's fine-tuned fp32 weights, before precision is applied
 DIRECTIONS = ["maximize", "minimize", "minimize"]  # accuracy, latency_ms, size_bytes
 
 
@@ -77,6 +78,9 @@ class Evaluator:
         # predicted latency while searching: a per-layer table next to the tuning database
         self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
             else None
+        # the last candidate's fine-tuned weights before precision is applied (fp32, training
+        # transforms attached): what `search finetune` continues from
+        self.trainable: dict[str, torch.Tensor] | None = None
 
     def __call__(self, policy: Policy, progress: Any | None = None,
                  hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
@@ -107,6 +111,9 @@ class Evaluator:
                 on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
             distill(model, self.teacher, task.train, options, task.loss, seed=self.config.seed,
                     penalized=penalized, on_step=on_step)
+            self.trainable = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.trainable = None
         model = apply_precision(model, policy, task.train)
         val_accuracy = evaluate(model, task.val, task.metric)
         test_accuracy = evaluate(model, task.test, task.metric)
@@ -284,6 +291,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         result, model = evaluator(policy, progress, hopeless, curve)
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
+            if evaluator.trainable is not None:  # for a longer fine-tune later
+                torch.save(evaluator.trainable, trial_dir / TRAINABLE)
         attrs = {
             "val_accuracy": result.val_accuracy,
             "test_accuracy": result.test_accuracy,

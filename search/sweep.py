@@ -312,7 +312,7 @@ def parse_date(text: str | None) -> str:
 def run_sweep(cfg: SweepConfig, today: str | None = None,
               say: Callable[[str], None] = print) -> SweepResult:
     """Run every job (a failure is recorded, not raised), compare, and write the report."""
-    from search.run import prepare, search
+    from search.run import prepare, run_search
 
     date = parse_date(today)
     folder = cfg.out / date
@@ -329,7 +329,7 @@ def run_sweep(cfg: SweepConfig, today: str | None = None,
         try:
             target, info = prepare(job.target, job.budget_ms, cfg.search_config(job), run_dir,
                                    resume=False, device=job.device())
-            jr.front = search(run_dir, target, info, resume=False, show_progress=False)
+            jr.front = run_search(run_dir, target, info, resume=False, show_progress=False)
         except UserError as exc:
             jr.error = str(exc).splitlines()[0]
         except Exception as exc:  # noqa: BLE001 - one job's crash must not end the sweep

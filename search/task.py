@@ -27,6 +27,7 @@ from search.errors import UserError
 from search.models import DigitsNet, MobileNetTiny, ResNetTiny, TransformerTiny
 
 DEFAULT_TASK = "search.task:digits"
+PYTHON_TASK = "python:"  # a run made from a Task object in Python (search.api), not a string
 
 
 @dataclass
@@ -180,6 +181,10 @@ def load_task(spec: str | Task = DEFAULT_TASK, **kwargs: object) -> Task:
     one-line UserError naming it."""
     if isinstance(spec, Task):
         return spec
+    if spec.startswith(PYTHON_TASK):
+        raise UserError(f"this run was made from a Task object in Python ({spec[7:]!r}), which "
+                        f"cannot be rebuilt from the run folder; pass it again: "
+                        f"search.open_front(RUN_FOLDER, task)")
     func = resolve_entry_point(spec)
     try:
         inspect.signature(func).bind(**kwargs)

@@ -16,7 +16,7 @@ import yaml
 
 from search.config import SearchConfig
 from search.policy import LayerSpace, uniform
-from search.run import RunInfo, prepare, search
+from search.run import RunInfo, prepare, run_search
 from tests.conftest import cli_env
 
 TINY = {"task": "tests.tasks:tiny", "trials": 6, "finetune_steps": 5,
@@ -26,7 +26,7 @@ TINY = {"task": "tests.tasks:tiny", "trials": 6, "finetune_steps": 5,
 def run_tiny(out: Path, budget_ms: float = 0.5, **overrides) -> dict:
     config = SearchConfig(**{**TINY, **overrides})
     target, info = prepare("host", budget_ms, config, out, resume=False)
-    return search(out, target, info, resume=False, show_progress=False)
+    return run_search(out, target, info, resume=False, show_progress=False)
 
 
 @pytest.fixture(scope="module")
