@@ -58,7 +58,7 @@ def main() -> None:
     small, policy = load_trial_model(args.run, best["trial"], task)
     model = task.model.eval()
     with torch.no_grad():
-        ref, ref_small = model(task.example), small(task.example)
+        ref, ref_small = model(*task.example), small(*task.example)
 
     untuned = Compiler(target, Path(tempfile.mkdtemp()) / "empty-db", trials_per_task=0)
     tuned = Compiler(target, tuning_dir(target), trials_per_task=info.config.tune_trials_per_task)

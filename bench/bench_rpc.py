@@ -81,7 +81,7 @@ def main() -> None:
     target = info.load_target()
     task = load_task(info.config.task, **info.config.task_args)
     with torch.no_grad():
-        ref = task.model(task.example)
+        ref = task.model(*task.example)
     tuned = Compiler(target, tuning_dir(target), trials_per_task=0)
     untuned = Compiler(target, Path(f"/tmp/search-bench-empty-{os.getpid()}"), 0)
     exe = tuned.compile(to_relax(task.model, task.example)).executable

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", default="5ms",
                      help="latency budget per input, with a unit: 5ms, 800us, 0.005s "
                           "[default: 5ms]")
+    run.add_argument("--task", metavar="MODULE:FUNCTION",
+                     help="the task's entry point, e.g. search.pretrained:minilm_text "
+                          "[default: the config's, search.pretrained:mobilenet_v2]")
     run.add_argument("--trials", type=int,
                      help="candidates to evaluate, seeds included [default: config, 16]")
     run.add_argument("--timeout",
@@ -162,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         settings["seed"] = args.seed
     try:
-        front = search(None, args.target, args.budget, trials=args.trials, out=out,
+        front = search(args.task, args.target, args.budget, trials=args.trials, out=out,
                        config=args.config, resume=args.resume, workers=args.workers,
                        storage=args.storage, study=args.study, device=device or None,
                        **settings)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from search.data import accuracy
 from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
 from search.finetune import FinetuneOptions, Teacher, distill
-from search.data import accuracy
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]
 DIST = optuna.distributions.FloatDistribution(0, 1)
