@@ -57,7 +57,7 @@ class Teacher:
     DataLoader) gets them batch by batch, so the training set is never held at once."""
 
     def __init__(self, model: nn.Module, data: Split, cache_limit_floats: int = 1 << 26,
-                 batch: int = 256) -> None:
+                 batch: int = 64) -> None:
         self.model = model.eval()
         self.cache: torch.Tensor | None = None
         data = Split(data)

@@ -59,6 +59,10 @@ def test_an_integer_two_input_encoder_goes_through_the_whole_path(tmp_path):
     assert all(p.latency_source.startswith("measured:host") for p in front.points)
     trial = compressed_front_point(front)
     check_export(front, trial, tmp_path)
+    from search.report import show
+
+    text = show(tmp_path / "run", trial)  # `search show`: layer by layer, two integer inputs
+    assert "intermediate" in text and "attention.query" in text
     with pytest.raises(UserError, match="no test split"):
         Task("x", task.model, task.train.tensors, task.val.tensors, task.example)
 

@@ -163,8 +163,8 @@ def test_missing_sweep_file_and_bad_date(tmp_path):
 
 def test_the_example_nightly_file_loads():
     cfg = SweepConfig.load(Path(__file__).resolve().parent.parent / "configs" / "nightly.yaml")
-    assert [(j.name, j.target, j.budget_ms) for j in cfg.jobs] == [("host-5ms", "host", 5.0),
-                                                                     ("host-2ms", "host", 2.0)]
+    assert [(j.name, j.target, j.budget_ms) for j in cfg.jobs] == [
+        ("host-1.5ms", "host", 1.5), ("host-1ms", "host", 1.0)]
 
 
 def pt(trial: int, acc: float, ms: float, iqr: float = 0.0) -> dict:
