@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.data import Batch, Inputs, Loss, Split, as_inputs, call, cross_entropy
+from search.errors import TrialFailed
 
 IMPORTANCES = ("l2", "taylor", "fisher")  # how the channels that go are chosen
 CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
@@ -332,9 +333,9 @@ def prune_channels(model: nn.Module, plan: Mapping[str, tuple[float, str]],
     try:
         after = _output_shapes(model, example)
     except RuntimeError as exc:  # a module torch-pruning does not know was left unpruned
-        raise RuntimeError(f"channel pruning left an inconsistent model: {exc}") from exc
+        raise TrialFailed(f"channel pruning left an inconsistent model: {exc}") from exc
     if after != before:
-        raise RuntimeError(f"channel pruning changed the output shapes {before} -> {after}")
+        raise TrialFailed(f"channel pruning changed the output shapes {before} -> {after}")
 
 
 def _output_shapes(model: nn.Module, example: Inputs) -> list[tuple[int, ...]]:

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from search.errors import UserError
+from search.errors import InternalError, UserError
 
 EXAMPLES = """\
 examples:
@@ -196,11 +196,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_front(args: argparse.Namespace) -> int:
     from search.front import table
+    from search.report import load_front
 
-    path = args.run_dir / "front.json"
-    if not path.exists():
+    if not (args.run_dir / "front.json").exists():
         raise UserError(f"no front.json in {str(args.run_dir)!r}: is it a finished run folder?")
-    data = json.loads(path.read_text())
+    _, data = load_front(args.run_dir)  # (checks run.yaml and front.json: one-line errors)
     print(json.dumps(data, indent=1) if args.json else table(data))
     return 0
 
@@ -278,6 +278,10 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 1 a bug (an internal error inside a trial: one
+    line, the traceback in RUN/error.log); 2 bad input (one line, before any work); 3 a run
+    that finished with nothing to pick from (its baseline or every candidate failed: one line,
+    after the front is written); 130 interrupted; `search sweep` adds its own (3, 4)."""
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree notices
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -287,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                "sweep": _cmd_sweep, "show": _cmd_show, "compare": _cmd_compare}[args.command]
     try:
         return handler(args)
-    except UserError as exc:
+    except (UserError, InternalError) as exc:  # exit 2: bad input, 3: no result, 1: a bug
         print(f"search: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field, fields
+import types
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -47,11 +49,11 @@ class SearchConfig:
     # fine-tune yet, so generous); null: measure and show, do not narrow
     choices: dict[str, list] = field(default_factory=dict)  # knob -> values offered (narrows the
     # derived space; `bits` may widen to 4/2/1); unset knobs use search.policy.DEFAULT_CHOICES
-    seeds: list[dict[str, float]] = field(default_factory=lambda: [
+    seeds: list[dict[str, Any]] = field(default_factory=lambda: [
         {},  # the uncompressed model: the baseline point
         {"rank": 0.125},
-        {"sparsity": 0.5},
-        {"bits": 16},
+        {"sparsity": 0.25},  # a light uniform cut: a strong reference (bench/RESULTS.md 9.2)
+        {"bits": 8},  # every layer int8 (weights; Linears compute in int8)
     ])  # uniform policies evaluated first, so the front always has reference points
 
     @classmethod
@@ -60,20 +62,58 @@ class SearchConfig:
             return cls()
         data = read_settings(path, "config file", {f.name for f in fields(cls)},
                              "pass an existing YAML file (see configs/default.yaml)")
+        return cls.from_dict(data, f"config file {path}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> SearchConfig:
+        """A checked config from plain settings (a config file, run.yaml): unknown keys and
+        wrong types are one-line UserErrors, not a TypeError from the constructor."""
+        check_fields(cls, data, where)
         config = cls(**data)
-        config.check(str(path))
+        config.check(where)
         return config
 
     def check(self, where: str = "config") -> None:
-        """Knob names and values, and fine-tune settings, as one-line errors."""
+        """Types, ranges, knob names and values, as one-line errors naming the key."""
+        check_fields(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, where)
+        self._check_ranges(where)
+        self._check_knobs(where)
+
+    def _check_ranges(self, where: str) -> None:
+        # NOTE: finetune_steps 0 is allowed: candidates scored as compressed, no fine-tune
+        for key, low in (("trials", 1), ("finetune_steps", 0), ("tune_trials_per_task", 0),
+                         ("startup_trials", 0), ("seed", 0), ("heartbeat_s", 1)):
+            if getattr(self, key) < low:
+                raise UserError(f"{where}: {key} must be at least {low}; got "
+                                f"{getattr(self, key)}")
+        if self.heartbeat_grace_s <= self.heartbeat_s:
+            raise UserError(f"{where}: heartbeat_grace_s must be longer than heartbeat_s "
+                            f"({self.heartbeat_s}); got {self.heartbeat_grace_s}")
+        for key, text, ok in (
+                ("timeout", "a positive number of seconds, or null for none",
+                 lambda v: v > 0),
+                ("tuning_budget_s", "a number of seconds >= 0, or null for no limit",
+                 lambda v: v >= 0),
+                ("sensitivity_max_drop", "a fraction of accuracy in [0, 1], or null",
+                 lambda v: 0 <= v <= 1)):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{where}: {key} must be {text}; got {value}")
+        for key, text, ok in (("dropconnect", "in [0, 1)", lambda v: 0 <= v < 1),
+                              ("distill_alpha", "in [0, 1]", lambda v: 0 <= v <= 1),
+                              ("l1", ">= 0", lambda v: v >= 0), ("l2", ">= 0", lambda v: v >= 0)):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{where}: {key} must be a number {text}; got {value}")
+
+    def _check_knobs(self, where: str) -> None:
         from search.policy import KNOBS, LayerPolicy
+        from search.study import SAMPLERS
 
         bad = sorted(set(self.knobs) - set(KNOBS))
         if bad or not self.knobs:
             raise UserError(f"{where}: knobs must be a non-empty list of "
                             f"{', '.join(KNOBS)}; got {self.knobs}")
-        from search.study import SAMPLERS
-
         if self.sampler not in SAMPLERS:
             raise UserError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}; got "
                             f"{self.sampler!r}")
@@ -83,8 +123,8 @@ class SearchConfig:
         if "rank" in self.knobs and "threshold" in self.knobs:
             raise UserError(f"{where}: search `rank` (by ratio) or `threshold` (by soft "
                             f"thresholding of singular values), not both")
-        for knob, values in (self.choices or {}).items():
-            if knob not in KNOBS or not isinstance(values, list) or not values:
+        for knob, values in self.choices.items():
+            if knob not in KNOBS or not values:
                 raise UserError(f"{where}: choices must map a knob ({', '.join(KNOBS)}) to a "
                                 f"non-empty list of values; got {knob}: {values!r}")
             for v in values:
@@ -92,10 +132,15 @@ class SearchConfig:
                     LayerPolicy(**{knob: v})
                 except (ValueError, TypeError) as exc:
                     raise UserError(f"{where}: choices for {knob}: {exc}") from None
-        if not 0.0 <= self.dropconnect < 1.0 or not 0.0 <= self.distill_alpha <= 1.0 \
-                or self.l1 < 0 or self.l2 < 0:
-            raise UserError(f"{where}: need 0 <= dropconnect < 1, 0 <= distill_alpha <= 1 and "
-                            f"l1, l2 >= 0")
+        for i, seed in enumerate(self.seeds):
+            unknown = sorted(set(seed) - set(KNOBS))
+            if unknown:
+                raise UserError(f"{where}: seeds[{i}] names unknown knob(s) "
+                                f"{', '.join(unknown)}; knobs: {', '.join(KNOBS)}")
+            try:
+                LayerPolicy(**seed)
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"{where}: seeds[{i}]: {exc}") from None
 
     def space_choices(self) -> dict[str, list]:
         """The knob values a search offers: DEFAULT_CHOICES, overridden by `choices`."""
@@ -115,16 +160,126 @@ def read_settings(path: Path, what: str, known: set[str], hint: str) -> dict[str
         raise UserError(f"{what} {str(path)!r} does not exist; {hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory; {hint}") from None
+    except PermissionError:
+        raise UserError(f"{what} {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text file (not UTF-8); {hint}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{what} {path} is not valid YAML: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must hold a mapping of settings")
-    unknown = sorted(set(data) - known)
+        raise UserError(f"{what} {path} must hold a mapping of settings (key: value lines); "
+                        f"got {_kind(data)}")
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
-        raise UserError(f"{what} {path}: unknown setting(s) {', '.join(unknown)}; "
+        raise UserError(f"{what} {path}: unknown setting(s) {', '.join(map(str, unknown))}; "
                         f"known: {', '.join(sorted(known))}")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_fields(cls: type, data: dict[str, Any], where: str) -> None:
+    """Every value of `data` has the type its dataclass field of `cls` declares (a one-line
+    UserError naming the key, the value given and the type wanted); unknown keys too."""
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known), key=str)
+    if unknown:
+        raise UserError(f"{where}: unknown setting(s) {', '.join(map(str, unknown))}; "
+                        f"known: {', '.join(sorted(known))}")
+    missing = [f.name for f in known.values() if f.name not in data and _default(f) is MISSING]
+    if missing:
+        raise UserError(f"{where}: missing setting(s) {', '.join(missing)}")
+    for key, value in data.items():
+        hint = hints[key]
+        if not _matches(value, hint):
+            example = _default(known[key])
+            eg = f", e.g. {_yaml(example)}" if example not in (None, MISSING, {}, []) else ""
+            kind = "" if value is None else f" ({_kind(value)})"
+            raise UserError(f"{where}: {key} must be {_describe(hint)}{eg}; got "
+                            f"{_yaml(value)}{kind}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations our dataclasses use; bool is not a number here, and an
+    int is a float (YAML writes 1 for 1.0)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value if args)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items() if args)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), str: ("a string", "strings"),
+          type(None): ("null", "nulls"), list: ("a list", "lists"), dict: ("a mapping", "mappings")}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """A type annotation in words: list[str] -> 'a list of strings'."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if hint is Any:
+        return "values" if plural else "any value"
+    base = origin or hint
+    one, many = _NAMES.get(base, (f"a {getattr(base, '__name__', base)}",
+                                  f"{getattr(base, '__name__', base)}s"))
+    if base is list and args and args[0] is not Any:
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}"
+    if base is dict and args and args[1] is not Any:
+        return f"{'mappings' if plural else 'a mapping'} to {_describe(args[1], True)}"
+    return many if plural else one
+
+
+def _kind(value: Any) -> str:
+    """What YAML made of a value: 'a string', 'a list', ..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for t in (int, float, str, type(None), list, dict):
+        if isinstance(value, t):
+            return _NAMES[t][0]
+    return type(value).__name__
+
+
+def _yaml(value: Any) -> str:
+    """A value as one line of YAML flow style (how the user would write it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _default(f: Any) -> Any:
+    """A field's default value (MISSING if it has none)."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
 
 
 def parse_duration_ms(text: str) -> float:
@@ -134,14 +289,17 @@ def parse_duration_ms(text: str) -> float:
         raise UserError(f"budget {text!r} is not a latency: use a number with a unit, "
                         f"e.g. 5ms, 800us or 0.005s")
     value = float(match.group(1)) * _UNITS_MS[match.group(2)]
-    if value <= 0:
-        raise UserError(f"budget {text!r} must be positive")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"budget {text!r} must be a finite positive latency, e.g. 5ms")
     return value
 
 
 def parse_timeout_s(text: str) -> float:
-    """'90s', '20m', '2h' or plain seconds -> seconds."""
+    """'90s', '20m', '2h' or plain seconds -> seconds (positive: a zero timeout runs nothing)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", text)
     if not match:
         raise UserError(f"timeout {text!r} is not a duration: use e.g. 600, 90s, 20m or 2h")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    value = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    if not value > 0:
+        raise UserError(f"timeout {text!r} must be positive, e.g. 600, 90s, 20m or 2h")
+    return value

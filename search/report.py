@@ -128,7 +128,39 @@ def load_front(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     if not path.exists():
         raise UserError(f"no front.json in {str(run_dir)!r}: the run has not finished a study "
                         f"yet (resume it with `search run --out {run_dir} --resume`)")
-    return info, json.loads(path.read_text())
+    return info, read_front_json(path)
+
+
+FRONT_KEYS = {"target": str, "budget_ms": (int, float), "baseline": (dict, type(None)),
+              "points": list, "trials": dict}  # what the table, show and compare read
+
+
+def read_front_json(path: Path) -> dict[str, Any]:
+    """front.json, checked enough that its readers cannot crash on it: a damaged one is a
+    one-line UserError saying how to write it again."""
+    again = f"run `search run --out {path.parent} --resume` to write it again"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} cannot be read ({exc}); {again}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object; {again}")
+    for key, kind in FRONT_KEYS.items():
+        if not isinstance(data.get(key), kind):
+            raise UserError(f"{path}: {key} is missing or has the wrong type; {again}")
+    counts = data["trials"]
+    if not (isinstance(counts.get("complete"), int) and isinstance(counts.get("failed"), list)):
+        raise UserError(f"{path}: trials must hold complete and failed; {again}")
+    for p in [*data["points"], *([data["baseline"]] if data["baseline"] else [])]:
+        if not (isinstance(p, dict) and POINT_KEYS <= set(p) and isinstance(p["policy"], dict)
+                and isinstance(p["trial"], int)):
+            raise UserError(f"{path}: a point lacks some of {', '.join(sorted(POINT_KEYS))}; "
+                            f"{again}")
+    return data
+
+
+POINT_KEYS = {"trial", "test_accuracy", "val_accuracy", "latency_ms", "latency_p25_ms",
+              "latency_p75_ms", "latency_source", "size_bytes", "feasible", "policy"}
 
 
 def _task_label(info: Any) -> str:
@@ -338,10 +370,15 @@ def _sensitivity(run_dir: Path) -> dict[tuple[str, str, str], float]:
     path = run_dir / "sensitivity.json"
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
-    records = data if isinstance(data, list) else data.get("entries", [])
-    return {(r["layer"], r["knob"], json.dumps(r["value"])): float(r["accuracy_drop"])
-            for r in records}
+    try:
+        data = json.loads(path.read_text())
+        records = data if isinstance(data, list) else data.get("entries", [])
+        return {(r["layer"], r["knob"], json.dumps(r["value"])): float(r["accuracy_drop"])
+                for r in records}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError,
+            TypeError) as exc:  # (a damaged file: any of these)
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); delete it to show "
+                        f"the trial without sensitivity") from None
 
 
 def _trial_files(run_dir: Path, trial: int, front: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,7 +392,15 @@ def _trial_files(run_dir: Path, trial: int, front: Mapping[str, Any]) -> dict[st
         if trial in failed:
             raise UserError(f"trial {trial} failed, so it has nothing to show: {failed[trial]}")
         raise UserError(f"trial {trial} has no result (it is running, or was interrupted)")
-    return json.loads((trial_dir / "result.json").read_text())
+    path = trial_dir / "result.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} cannot be read ({exc}): the trial's files are damaged") from None
+    if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
+        raise UserError(f"{path} is not a trial result (no policy): the trial's files are "
+                        f"damaged")
+    return data
 
 
 def trial_layers(run_dir: Path, trial: int, measure: bool = False) -> TrialLayers:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,12 @@ import yaml
 from tqdm import tqdm
 
 from search.compile import Compiler
-from search.config import SearchConfig
-from search.errors import UserError
+from search.config import SearchConfig, yaml_problem
+from search.errors import SearchFailed, UserError
 from search.front import write_front
 from search.study import (
     STUDY_NAME,
+    failed_for_real,
     finished_count,
     measure_front,
     open_storage,
@@ -62,10 +65,31 @@ class RunInfo:
                 "storage": self.storage, "study": self.study}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunInfo:
-        return cls(data["target"], float(data["budget_ms"]), SearchConfig(**data["config"]),
-                   data.get("device") or {}, data.get("storage"),
-                   data.get("study") or STUDY_NAME)
+    def from_dict(cls, data: Any, where: str = "run settings") -> RunInfo:
+        """The settings a run stored (run.yaml, or the study's `run` attr), checked: a
+        missing key or a wrong type is a one-line UserError naming it."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where} must be a mapping of the run's settings; got "
+                            f"{type(data).__name__}")
+        missing = [k for k in ("target", "budget_ms", "config") if k not in data]
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(missing)}: it was not written by "
+                            f"`search run` (or was edited); start a new run")
+        budget = data["budget_ms"]
+        if isinstance(budget, bool) or not isinstance(budget, int | float) \
+                or not math.isfinite(budget) or budget <= 0:
+            raise UserError(f"{where}: budget_ms must be a positive number; got {budget!r}")
+        for key, ok in (("target", isinstance(data["target"], str)),
+                        ("config", isinstance(data["config"], dict)),
+                        ("device", isinstance(data.get("device") or {}, dict)),
+                        ("storage", isinstance(data.get("storage"), str | None)),
+                        ("study", isinstance(data.get("study") or STUDY_NAME, str))):
+            if not ok:
+                raise UserError(f"{where}: {key} has the wrong type "
+                                f"({type(data[key]).__name__})")
+        config = SearchConfig.from_dict(data["config"], f"{where}: config")
+        return cls(data["target"], float(budget), config, data.get("device") or {},
+                   data.get("storage"), data.get("study") or STUDY_NAME)
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "run.yaml").write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -73,10 +97,17 @@ class RunInfo:
     @classmethod
     def load(cls, run_dir: Path) -> RunInfo:
         path = run_dir / "run.yaml"
-        if not path.exists():
+        if not path.is_file():
             raise UserError(f"{str(run_dir)!r} is not a run folder (no run.yaml); "
                             f"pass the --out folder of a `search run`")
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({yaml_problem(exc)}): the run "
+                            f"folder is damaged") from None
+        return cls.from_dict(data, str(path))
 
 
 def setup_threads(target: TargetSpec) -> None:
@@ -135,14 +166,13 @@ def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: P
             storage: str | None = None, study: str | None = None
             ) -> tuple[TargetSpec, RunInfo]:
     """All the checks that need no work: a bad input stops here with one line."""
+    config.check("settings")  # again: flags and the Python API set fields after loading
     info = RunInfo(target_name, budget_ms, config, device or {}, storage,
                    study or (run_dir.name if storage else STUDY_NAME))
     target = info.load_target()
     target.check()  # a device target: the device answers, before anything is trained
     if not config.task.startswith(PYTHON_TASK):
         resolve_entry_point(config.task)
-    if config.trials < 1:
-        raise UserError(f"trials must be at least 1, got {config.trials}")
     check_out_dir(run_dir, resume, own_storage=storage is None)
     if storage:
         check_storage(storage)
@@ -179,9 +209,10 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,
                       disable=not show_progress, dynamic_ncols=True)
     trials_bar.update(min(finished_count(study), config.trials))
+    bad_workers: list[int] = []
     try:
         if workers > 1:
-            run_workers(run_dir, info, workers, trials_bar, study)
+            bad_workers = run_workers(run_dir, info, workers, trials_bar, study)
         else:
             tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
                             disable=not show_progress, dynamic_ncols=True)
@@ -201,12 +232,39 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     data = write_front(run_dir, study, info.budget_ms, target.name)
     if latency_table is not None:
         data["latency_table"] = latency_table
-    data["reference"] = reference_latency(task, target)
+    failure = why_no_result(study)
+    # (the reference times the uncompressed model: pointless, and may fail, if it did)
+    data["reference"] = reference_latency(task, target) if data["baseline"] else None
     data["tuning"] = tuning_summary(study, config, tuning_dir(target))
     data["workers"] = workers
     data["wall_s"] = round(time.perf_counter() - start, 1)
     (run_dir / "front.json").write_text(json.dumps(data, indent=1))
+    if failure:  # raised after the front is written: whatever finished is kept
+        raise SearchFailed(f"{failure}; the trials are in {run_dir / 'front.json'}")
+    if bad_workers:
+        raise SearchFailed(f"worker(s) {bad_workers} stopped with an error (see "
+                           f"{run_dir / 'worker-logs'}); the front of the trials that "
+                           f"finished is in {run_dir / 'front.json'}")
     return data
+
+
+def why_no_result(study: optuna.Study) -> str | None:
+    """Why a finished study has nothing to pick from, in one line, or None if it has:
+    the uncompressed baseline failed, or every compressed candidate did."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state in done or failed_for_real(t)]
+    base = [t for t in trials if t.user_attrs.get("uncompressed")]
+    if base and not any(t.state == optuna.trial.TrialState.COMPLETE for t in base):
+        return (f"the uncompressed model (trial {base[0].number}) failed, so there is no "
+                f"baseline: {base[0].user_attrs.get('fail_reason', '?')}")
+    compressed = [t for t in trials if not t.user_attrs.get("uncompressed")]
+    if compressed and all(t.state == optuna.trial.TrialState.FAIL for t in compressed):
+        reasons = Counter(t.user_attrs["fail_reason"] for t in compressed)
+        reason, n = reasons.most_common(1)[0]
+        return (f"every candidate failed ({len(compressed)} compressed trials); the most "
+                f"common reason ({n} of them): {reason}")
+    return None
 
 
 def progress_callback(bar: tqdm, info: RunInfo
@@ -228,9 +286,10 @@ def progress_callback(bar: tqdm, info: RunInfo
 
 
 def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
-                study: optuna.Study) -> None:
+                study: optuna.Study) -> list[int]:
     """`workers` processes (`search worker`) on this machine, on the run's storage; this one
-    watches the study. A worker that fails is reported; the others go on."""
+    watches the study. A worker that fails does not stop the others; returns the ids of those
+    that failed (the run then ends non-zero, after its front is written)."""
     url = info.url(run_dir)
     log_dir = run_dir / "worker-logs"
     log_dir.mkdir(exist_ok=True)
@@ -254,9 +313,7 @@ def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
     finally:
         for _, log in procs:
             log.close()
-    bad = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, None)]
-    if bad:
-        print(f"worker(s) {bad} stopped with an error; see {log_dir}", file=sys.stderr)
+    return [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, None)]
 
 
 def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,

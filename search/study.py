@@ -1,15 +1,19 @@
 """The Optuna study: propose a per-layer policy, build it, fine-tune, compile, time, record.
 
 Objectives: maximize accuracy, minimize measured latency, minimize stored size; the latency budget
-is a constraint (`trial.set_constraint`), so infeasible trials still teach the sampler. A failed
-trial is recorded with its reason (user attr `fail_reason`) and the study goes on.
+is a constraint (`trial.set_constraint`), so infeasible trials still teach the sampler. A trial
+that fails for the candidate's own reason (TrialFailed) is recorded with it (user attr
+`fail_reason`) and the study goes on; anything else raised in a trial is a bug and stops the run
+(InternalError, its traceback in RUN/error.log).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from search.compress import ModelStats, apply_precision, model_stats, output_tol
 from search.config import SearchConfig
 from search.data import evaluate
 from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
-from search.errors import TrialFailed, UserError
+from search.errors import InternalError, TrialFailed, UserError
 from search.finetune import Teacher, attach_training_transforms, distill
 from search.lock import device_lock
 from search.measure import Latency, run_and_time
@@ -225,17 +229,25 @@ def fail_interrupted(study: optuna.Study) -> int:
     return n
 
 
+def failed_for_real(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL trial that was the candidate's fault. Not: interrupted, lost with a dead worker
+    (no reason), or stopped by a bug in our code (`internal error: ...`): a resumed run
+    evaluates those again."""
+    reason = t.user_attrs.get("fail_reason", "interrupted")
+    return t.state == optuna.trial.TrialState.FAIL and reason != "interrupted" \
+        and not reason.startswith("internal error")
+
+
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count against the trial budget: complete, or failed for a real reason (not
-    interrupted, not lost with a dead worker: those run again)."""
+    """Trials that count against the trial budget: complete, stopped early, or failed for a
+    real reason (failed_for_real)."""
     done = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE:
             done += 1
         elif t.state == optuna.trial.TrialState.PRUNED:  # stopped early (search.early_stop)
             done += 1
-        elif t.state == optuna.trial.TrialState.FAIL and \
-                t.user_attrs.get("fail_reason", "interrupted") != "interrupted":
+        elif failed_for_real(t):
             done += 1
     return done
 
@@ -253,9 +265,28 @@ def has_baseline(study: optuna.Study) -> bool:
 
 def enqueue_seeds(study: optuna.Study, space: list[LayerSpace], config: SearchConfig,
                   only_baseline: bool = False) -> None:
-    for seed in config.seeds[:1] if only_baseline else config.seeds[:config.trials]:
+    if only_baseline:
+        if config.seeds:
+            enqueue_baseline(study, policy_params(uniform(space, **config.seeds[0]),
+                                                  config.knobs))
+        return
+    for seed in config.seeds[:config.trials]:
         study.enqueue_trial(policy_params(uniform(space, **seed), config.knobs),
                             skip_if_exists=True)
+
+
+def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
+    """A resumed run without a finished baseline runs it again, unless it is queued or running,
+    or failed for the candidate's own reason (it would fail again). Not skip_if_exists: that
+    would skip a baseline interrupted or stopped by a bug since fixed."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if any(t.state in waiting and t.system_attrs.get("fixed_params", t.params) == params
+           for t in trials):
+        return
+    if any(t.user_attrs.get("uncompressed") and failed_for_real(t) for t in trials):
+        return
+    study.enqueue_trial(params)
 
 
 def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: float,
@@ -276,9 +307,14 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
-        except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        except UserError as exc:  # bad input found late: it stops the run, in one line
+            trial.set_user_attr("fail_reason", str(exc))
             raise
+        except Exception as exc:  # a bug, not the candidate's fault: stop the run (see errors)
+            log = save_traceback(run_dir, trial.number, exc)
+            trial.set_user_attr("fail_reason", f"internal error: {type(exc).__name__}: "
+                                               f"{first_line(exc)}")
+            raise InternalError(trial.number, exc, log) from exc
 
     def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
         policy = suggest_policy(trial, space, knobs)
@@ -323,6 +359,23 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
     return objective
 
 
+ERROR_LOG = "error.log"
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def save_traceback(run_dir: Path, trial: int, exc: BaseException) -> Path:
+    """Append the full traceback to RUN/error.log: the one-line message points there."""
+    log = run_dir / ERROR_LOG
+    text = "".join(traceback.format_exception(exc))
+    with open(log, "a") as f:
+        f.write(f"--- trial {trial}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+    return log
+
+
 def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
                   resume: bool, run_info: dict[str, Any], own_storage: bool,
                   say: Callable[[str], None] = lambda _: None, progress: Any | None = None
@@ -361,6 +414,31 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
     return study, space
 
 
+class _QuietFailures(logging.Filter):
+    """Optuna logs every failed trial with its traceback. A candidate's own failure
+    (TrialFailed) keeps Optuna's one-line warning; the two warnings of a failure that stops the
+    run are dropped: the CLI says it in one line (a bug's traceback is in RUN/error.log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: str | None = None  # the bug's second warning, logged right after
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InternalError | UserError):  # (the run stops; the CLI says why)
+            self.pending = f"Trial {record.getMessage().split()[1]} failed with value"
+            return False
+        if isinstance(exc, TrialFailed):
+            record.exc_info = None
+        if self.pending and record.getMessage().startswith(self.pending):
+            self.pending = None
+            return False
+        return True
+
+
+_QUIET_FAILURES = _QuietFailures()
+
+
 def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task,
          target: TargetSpec, compiler: Compiler, budget_ms: float, config: SearchConfig,
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
@@ -372,6 +450,7 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
     objective = objective_factory(evaluator, space, budget_ms, run_dir, progress)
     callbacks = [on_trial] if on_trial else []
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FAILURES)  # (idempotent)
     while True:
         with warnings.catch_warnings():  # "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -380,7 +459,9 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
             break
         if deadline is not None and time.monotonic() >= deadline:
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+        # NOTE: only a candidate's own failure is caught (recorded FAIL, the study goes on);
+        # anything else is recorded FAIL by Optuna and raised: a bug stops the run
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
 
 
 def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,

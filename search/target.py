@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from search.device import SERVER_HINT, Device
 from search.errors import UserError
@@ -117,11 +115,32 @@ def load_target(name_or_path: str) -> TargetSpec:
     if not path.exists():
         raise UserError(f"unknown target {name_or_path!r}: choose one of "
                         f"{', '.join(available())}, or pass a path to a target YAML file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        measurement = Measurement(**(data.pop("measurement", None) or {}))
-        data.setdefault("name", path.stem)
-        spec = TargetSpec(measurement=measurement, **data)
-    except (TypeError, yaml.YAMLError) as exc:
-        raise UserError(f"target file {path}: {exc}") from None
+    return parse_target(path)
+
+
+def parse_target(path: Path) -> TargetSpec:
+    """A target YAML file, checked by field type and range: a bad one is a one-line UserError
+    naming the key, before anything is built."""
+    from search.config import check_fields, read_settings
+
+    where = f"target file {path}"
+    data = read_settings(path, "target file", {f.name for f in fields(TargetSpec)},
+                         f"see {TARGETS_DIR / 'host.yaml'}")
+    data.setdefault("name", path.stem)
+    timing = data.pop("measurement", None) or {}
+    if not isinstance(timing, dict):
+        raise UserError(f"{where}: measurement must be a mapping (number, repeat, "
+                        f"min_repeat_ms, cooldown_ms); got {timing!r}")
+    check_fields(Measurement, timing, f"{where}: measurement")
+    check_fields(TargetSpec, data, where)
+    if not isinstance(data.get("tvm_target"), str | dict):
+        raise UserError(f"{where}: tvm_target must be a TVM tag (a string) or the JSON-dict "
+                        f"form {{kind: llvm, mtriple: ..., mcpu: ...}}; got "
+                        f"{data.get('tvm_target')!r}")
+    spec = TargetSpec(measurement=Measurement(**timing), **data)
+    m = spec.measurement
+    if spec.threads < 1 or m.number < 1 or m.repeat < 1 or m.min_repeat_ms < 0 \
+            or m.cooldown_ms < 0:
+        raise UserError(f"{where}: need threads, measurement.number and measurement.repeat "
+                        f">= 1, min_repeat_ms and cooldown_ms >= 0")
     return spec

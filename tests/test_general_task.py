@@ -15,8 +15,10 @@ import torch
 
 from search import Task, open_front, search
 from search.channels import channel_groups
+from search.compress import output_tolerance
 from search.data import Split, evaluate
 from search.errors import UserError
+from search.policy import Policy
 from tests import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +43,8 @@ def check_export(front, trial: int, tmp_path: Path) -> None:
     model = front.model(trial)
     with torch.no_grad():
         ref = model(*task.example).numpy()
-    assert np.allclose(sess.run(None, feed)[0], ref, atol=1e-3)
+    policy = Policy.load(front.run_dir / "trials" / f"{trial:04d}" / "policy.yaml")
+    assert np.allclose(sess.run(None, feed)[0], ref, atol=output_tolerance(policy))
 
 
 def test_an_integer_two_input_encoder_goes_through_the_whole_path(tmp_path):

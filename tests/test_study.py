@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from search.config import SearchConfig
+from search.errors import SearchFailed
 from search.policy import LayerSpace, uniform
 from search.run import RunInfo, prepare, run_search
 from tests.conftest import cli_env
@@ -102,7 +104,10 @@ def test_front_and_export_commands(tiny_run):
 
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(tmp_path):
     out = tmp_path / "r"
-    data = run_tiny(out, task="tests.tasks:nan_data", trials=4)
+    with pytest.raises(SearchFailed, match="every candidate failed .3 compressed trials.; the "
+                                           "most common reason"):
+        run_tiny(out, task="tests.tasks:nan_data", trials=4)
+    data = json.loads((out / "front.json").read_text())  # written before the run failed
     failed = data["trials"]["failed"]
     assert len(failed) == 3  # every compressed candidate hit the NaN; the baseline did not
     assert all("non-finite fine-tune loss" in f["reason"] for f in failed)
@@ -198,11 +203,21 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
     for p in data["points"]:
         assert p["latency_source"].startswith("measured:host:")  # not "predicted"
     table = data["latency_table"]
-    assert table["error"]["n"] >= 1 and table["error"]["median_abs_rel_error"] >= 0.0
+    rows = {r["point"]: r for r in table["points"] if "error" not in r}
+    for p in data["points"]:  # each front point's latency is its whole-model measurement
+        assert p["latency_ms"] == rows[p["trial"]]["measured_ms"]
+    # the reported error is that of the predictions against those measurements
+    rel = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows.values()]
+    assert table["error"]["n"] == len(rows) >= 1
+    assert table["error"]["median_abs_rel_error"] == pytest.approx(statistics.median(rel))
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
     sources = {t.user_attrs["latency_source"].split(":")[0] for t in study.trials
                if t.state == optuna.trial.TrialState.COMPLETE}
     assert "predicted" in sources  # the search itself ran on predictions
-    assert all(optuna.trial.TrialState.COMPLETE == t.state or t.state in
-               (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-               for t in study.trials)
+    # the study finished its 5 trials; early stopping only prunes, with its reason
+    assert len(study.trials) == 5
+    for t in study.trials:
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED), \
+            (t.number, t.state, t.user_attrs.get("fail_reason"))
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert t.user_attrs["fail_reason"].startswith("stopped early")
