@@ -253,26 +253,48 @@ def model_stats(model: nn.Module, policy: Policy, example: Inputs) -> ModelStats
     finally:
         for h in handles:
             h.remove()
-    size = 0
     counted: set[int] = set()
-    for name, lp in policy.layers.items():
-        for m in model.get_submodule(name).modules():
-            if isinstance(m, Int8Linear):  # int8 weights + fp32 scales, bias, input range
-                counted.update(id(b) for b in m.buffers())
-                size += m.weight_q.numel() + 4 * (2 * m.out_features + 2)
-        for m in weight_layers(model.get_submodule(name)):
-            for p in m.parameters():
-                counted.add(id(p))
-                if p is m.weight:
-                    size += stored_weight_bytes(m, lp)
-                else:  # biases stay fp32 (a 16-bit layer adds its bias in fp32 after)
-                    size += p.numel() * p.element_size()
-    for p in list(model.parameters()) + list(model.buffers()):
+    size = sum(layer_bytes(model.get_submodule(name), lp, counted)
+               for name, lp in policy.layers.items())
+    size += _plain_bytes(model, counted)
+    return ModelStats(params=layer_params(model), flops=2 * macs, size_bytes=size)
+
+
+def layer_bytes(module: nn.Module, lp: LayerPolicy, counted: set[int] | None = None) -> int:
+    """Stored bytes of one (compressed) layer at its policy's precision: the one byte counter
+    (model_stats sums it; `search show` prints it per layer). `counted` collects the tensors
+    it counted, so the caller does not count them twice."""
+    counted = set() if counted is None else counted
+    size = 0
+    for m in module.modules():
+        if isinstance(m, Int8Linear):  # int8 weights + fp32 scales, bias, input range
+            counted.update(id(b) for b in m.buffers())
+            size += m.weight_q.numel() + 4 * (2 * m.out_features + 2)
+    for m in weight_layers(module):
+        for p in m.parameters():
+            counted.add(id(p))
+            if p is m.weight:
+                size += stored_weight_bytes(m, lp)
+            else:  # biases stay fp32 (a 16-bit layer adds its bias in fp32 after)
+                size += p.numel() * p.element_size()
+    return size + _plain_bytes(module, counted)
+
+
+def _plain_bytes(module: nn.Module, counted: set[int]) -> int:
+    """Bytes of the parameters and buffers not counted yet, as they are held."""
+    size = 0
+    for p in list(module.parameters()) + list(module.buffers()):
         if id(p) not in counted:
+            counted.add(id(p))
             size += p.numel() * p.element_size()
-    params = sum(p.numel() for p in model.parameters()) + sum(  # int8 layers keep buffers
-        m.weight_q.numel() + m.out_features for m in model.modules() if isinstance(m, Int8Linear))
-    return ModelStats(params=params, flops=2 * macs, size_bytes=size)
+    return size
+
+
+def layer_params(module: nn.Module) -> int:
+    """Parameters of a (compressed) module; an int8 layer's weights and bias are buffers."""
+    return sum(p.numel() for p in module.parameters()) + sum(
+        m.weight_q.numel() + m.out_features for m in module.modules()
+        if isinstance(m, Int8Linear))
 
 
 def stored_weight_bytes(m: nn.Module, lp: LayerPolicy) -> int:

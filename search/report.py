@@ -291,16 +291,15 @@ class TrialLayers:
 
 
 def _layer_bytes(module: nn.Module, lp: LayerPolicy) -> int:
-    """Stored bytes of a (compressed) layer, counted as model_stats counts them."""
-    from search.compress import stored_weight_bytes, weight_layers
+    from search.compress import layer_bytes
 
-    weights = {id(m.weight): m for m in weight_layers(module)}
-    return sum(stored_weight_bytes(weights[id(p)], lp) if id(p) in weights
-               else p.numel() * p.element_size() for p in module.parameters())
+    return layer_bytes(module, lp)
 
 
 def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    from search.compress import layer_params
+
+    return layer_params(module)
 
 
 def _inputs(model: nn.Module, names: Sequence[str], example: torch.Tensor

@@ -153,3 +153,25 @@ def test_show_errors_are_one_line(run, tmp_path, capsys):
         assert code == 2 and out == "", args
         lines = err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_show_counts_an_int8_layer_with_the_front_s_byte_counter(tiny_task):
+    """`search show` per layer and the front's size are one counter: an int8 Linear (its
+    weights are buffers) is not 0 bytes and 0 parameters."""
+    from search.compress import build, layer_bytes, layer_params, model_stats
+    from search.int8 import Int8Linear
+    from search.policy import LayerPolicy, Policy
+    from search.report import _layer_bytes, _params
+
+    lp = LayerPolicy(bits=8)
+    policy = Policy({"fc1": lp})
+    model = build(tiny_task.model, policy, tiny_task.example, tiny_task.train)
+    fc1 = model.fc1
+    assert isinstance(fc1, Int8Linear)
+    assert _layer_bytes(fc1, lp) == layer_bytes(fc1, lp) == \
+        fc1.weight_q.numel() + 4 * (2 * fc1.out_features + 2)
+    assert _params(fc1) == layer_params(fc1) == fc1.in_features * fc1.out_features + \
+        fc1.out_features
+    rest = model_stats(model, policy, tiny_task.example).size_bytes - layer_bytes(fc1, lp)
+    plain = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("fc1"))
+    assert rest == plain  # the other layers are fp32: the sum is the front's size
