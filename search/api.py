@@ -138,12 +138,20 @@ class Front:
 
     @property
     def points(self) -> list[Point]:
-        return [Point(**p) for p in self.data["points"]]
+        return [self._point(p) for p in self.data["points"]]
 
     @property
     def baseline(self) -> Point | None:
         base = self.data.get("baseline")
-        return Point(**base) if base else None
+        return self._point(base) if base else None
+
+    def _point(self, raw: dict[str, Any]) -> Point:
+        try:
+            return Point(**raw)
+        except TypeError:
+            raise UserError(f"{self.run_dir / 'front.json'} was written by another version of "
+                            f"search; write it again: search run --out {self.run_dir} "
+                            f"--resume") from None
 
     def table(self) -> str:
         """The terminal table `search run` prints."""

@@ -12,7 +12,8 @@ from search.errors import InternalError, UserError
 
 EXAMPLES = """\
 examples:
-  search run --target host --budget 5ms          # the built-in digits task on this machine
+  search run --target host --budget 1.5ms --trials 5   # the default: ImageNet MobileNetV2 (ELPV)
+  search run --task search.pretrained:minilm_text --budget 8ms   # a BERT-class encoder
   search run --target host --budget 800us --trials 30 --out runs/tight
   search run --config configs/default.yaml --target host --budget 5ms
   search run --out runs/host-5ms --resume        # continue an interrupted run
