@@ -23,9 +23,10 @@ import yaml
 from tqdm import tqdm
 
 from search.compile import Compiler
-from search.config import SearchConfig, yaml_problem
+from search.config import SearchConfig
 from search.errors import SearchFailed, UserError
 from search.front import write_front
+from search.settings import yaml_problem
 from search.study import (
     STUDY_NAME,
     failed_for_real,

@@ -182,7 +182,6 @@ def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
                 max_retry=1))
 
 
-SAMPLERS = ("tpe", "random", "nsga2")
 
 
 def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:

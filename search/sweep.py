@@ -38,9 +38,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from search.config import SearchConfig, parse_duration_ms, parse_timeout_s, read_settings
+from search.config import SearchConfig, parse_duration_ms, parse_timeout_s
 from search.errors import UserError
 from search.report import hypervolume, objectives, reference_for
+from search.settings import read_settings
 from search.target import load_target
 
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

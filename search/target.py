@@ -121,7 +121,7 @@ def load_target(name_or_path: str) -> TargetSpec:
 def parse_target(path: Path) -> TargetSpec:
     """A target YAML file, checked by field type and range: a bad one is a one-line UserError
     naming the key, before anything is built."""
-    from search.config import check_fields, read_settings
+    from search.settings import check_fields, read_settings
 
     where = f"target file {path}"
     data = read_settings(path, "target file", {f.name for f in fields(TargetSpec)},
