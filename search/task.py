@@ -114,23 +114,30 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int
     return model.eval()
 
 
+def trained_once(model: nn.Module, name: str, key: str,
+                 fit: Callable[[nn.Module], object]) -> nn.Module:
+    """`model` with the weights `fit` trains, trained once and cached under the task cache by
+    `name` and a digest of `key` (every setting that changes the weights); in eval mode."""
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = cache_dir() / "tasks" / f"{name}-{digest}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        fit(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: workers may race
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    return model.eval()
+
+
 def _digits_task(name: str, make_model: Callable[[], nn.Module], epochs: int, seed: int,
                  key: str) -> Task:
     """Build (seeded) and train a model on digits once; weights are cached under `key`."""
     train_data, val_data, test_data = digits_data(seed)
     torch.manual_seed(seed)
-    model = make_model()
-    digest = hashlib.sha1(f"{key}-split3".encode()).hexdigest()[:12]
-    path = cache_dir() / "tasks" / f"{name}-{digest}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-    else:
-        train(model, train_data, epochs, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+    model = trained_once(make_model(), name, f"{key}-split3",
+                         lambda m: train(m, train_data, epochs, seed))
     return Task(name, model, train_data, val_data, val_data[0][:1].clone(), accuracy,
                 test=test_data)
 
