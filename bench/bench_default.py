@@ -19,13 +19,13 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from search.compile import Compiler, to_relax  # noqa: E402
-from search.compress import output_tolerance  # noqa: E402
-from search.export import load_trial_model, ort_session_bytes  # noqa: E402
-from search.measure import run_and_time, time_onnxruntime  # noqa: E402
-from search.run import RunInfo, tuning_dir  # noqa: E402
-from search.target import load_target  # noqa: E402
-from search.task import load_task  # noqa: E402
+from search.backend.compile import Compiler, to_relax  # noqa: E402
+from search.backend.measure import run_and_time
+from search.backend.onnx import ort_session_bytes, time_onnxruntime
+from search.compress.build import output_tolerance  # noqa: E402
+from search.core.task import load_task  # noqa: E402
+from search.devices.target import load_target  # noqa: E402
+from search.study.runfolder import RunInfo, load_trial_model, tuning_dir
 
 
 def ort_int8(onnx_bytes: bytes) -> bytes:

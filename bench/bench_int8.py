@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from search.compile import Compiler, to_relax  # noqa: E402
-from search.int8 import calibrate, enable_vnni, int8_kind, lower_int8, quantize_linears  # noqa: E402
-from search.measure import run_and_time  # noqa: E402
-from search.target import Measurement, load_target  # noqa: E402
+from search.backend.compile import Compiler, to_relax  # noqa: E402
+from search.backend.int8 import enable_vnni, int8_kind, lower_int8
+from search.backend.measure import run_and_time  # noqa: E402
+from search.compress.int8 import calibrate, quantize_linears
+from search.devices.target import Measurement, load_target  # noqa: E402
 
 DEFAULT_SHAPES = "4096x5120,5120x5120,5120x10,512x512"
 

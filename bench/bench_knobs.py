@@ -15,12 +15,13 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from search.compile import Compiler  # noqa: E402
-from search.config import SearchConfig  # noqa: E402
-from search.policy import Policy, derive_space, uniform  # noqa: E402
-from search.study import Evaluator  # noqa: E402
-from search.target import load_target  # noqa: E402
-from search.task import digits_resnet  # noqa: E402
+from search.backend.compile import Compiler  # noqa: E402
+from search.compress.policy import Policy
+from search.compress.space import derive_space, uniform
+from search.devices.target import load_target  # noqa: E402
+from search.study.config import SearchConfig  # noqa: E402
+from search.study.evaluate import Evaluator
+from search.tasks.digits import digits_resnet
 
 SETTINGS = [  # (row name, uniform policy): each knob at two strengths
     ("rank 0.5", {"rank": 0.5}), ("rank 0.125", {"rank": 0.125}),
@@ -59,7 +60,7 @@ def main() -> None:
 
     def measure(policy: Policy, name: str) -> tuple[str, float, int, float, str]:
         result, _ = evaluate(policy)
-        return (name, result.accuracy, result.stats.size_bytes, result.latency.median_ms,
+        return (name, result.test_accuracy, result.size_bytes, result.latency.median_ms,
                 result.latency_source)
 
     base = measure(Policy(), "uncompressed")

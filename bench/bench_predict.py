@@ -1,6 +1,7 @@
 """How well the per-layer latency table (search/predict.py) predicts a whole model's latency.
 
-    python bench/bench_predict.py [--task search.task:digits] [--trials 8] [--db /tmp/bench-predict]
+    python bench/bench_predict.py [--task search.tasks:digits] [--trials 8] \
+        [--db /tmp/bench-predict]
                                   [--random 3] [--out /tmp/bench-predict.json]
     python bench/bench_predict.py --analyze /tmp/bench-predict.json   # the summary again
 
@@ -32,13 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from search.compile import Compiler  # noqa: E402
-from search.compress import build, output_tolerance  # noqa: E402
-from search.config import SearchConfig  # noqa: E402
-from search.policy import LayerPolicy, Policy, derive_space, uniform  # noqa: E402
-from search.predict import LatencyTable, error_report, measure_whole  # noqa: E402
-from search.target import load_target  # noqa: E402
-from search.task import load_task  # noqa: E402
+from search.backend.compile import Compiler  # noqa: E402
+from search.backend.latency_table import LatencyTable, error_report  # noqa: E402
+from search.backend.measure import compile_and_time  # noqa: E402
+from search.compress.build import build, output_tolerance  # noqa: E402
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.space import derive_space, uniform
+from search.core.task import load_task  # noqa: E402
+from search.devices.target import load_target  # noqa: E402
+from search.study.config import SearchConfig  # noqa: E402
 
 UNIFORM = [{"rank": 0.125}, {"rank": 0.25}, {"rank": 0.5}, {"sparsity": 0.5}, {"bits": 16}]
 
@@ -50,7 +53,7 @@ def random_policy(space: list, knobs: list[str], rng: random.Random) -> Policy:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="search.task:digits")
+    ap.add_argument("--task", default="search.tasks:digits")
     ap.add_argument("--trials", type=int, default=8, help="MetaSchedule trials per kernel")
     ap.add_argument("--db", type=Path, default=Path("/tmp/bench-predict"),
                     help="tuning database and latency table (emptied first)")
@@ -85,7 +88,8 @@ def main() -> None:
         ops_s = time.perf_counter() - start
         predicted = table.predict(model, x, family=task.name)  # before it is measured whole
         start = time.perf_counter()
-        latency, compiled = measure_whole(model, x, compiler, atol=output_tolerance(policy))
+        timed = compile_and_time(model, x, compiler, atol=output_tolerance(policy))
+        latency, compiled = timed.latency, timed.compiled
         whole_s = time.perf_counter() - start
         row = {"policy": name, "new_ops": len(new), "ops_s": round(ops_s, 1),
                "whole_s": round(whole_s, 1), "whole_kernels": compiled.tasks,

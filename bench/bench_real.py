@@ -8,8 +8,8 @@ the run's target measurement settings), except the front point's size, read from
 Ratios are to the uncompressed model under tuned TVM (> 1: faster). The machine is shared:
 quote the ratios, not the absolute times.
 
-    python bench/bench_real.py /tmp/exp/mnv2                 # search.pretrained:mobilenet_v2
-    python bench/bench_real.py runs/minilm --max-loss 0.02   # search.pretrained:minilm_text
+    python bench/bench_real.py /tmp/exp/mnv2                 # search.tasks:mobilenet_v2
+    python bench/bench_real.py runs/minilm --max-loss 0.02   # search.tasks:minilm_text
     python bench/bench_real.py RUN --no-uniform              # skip the 30 % cut (it tunes)
 
 int8 under ONNX Runtime: a model with Conv2d layers gets static QDQ quantization, per channel,
@@ -47,19 +47,20 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from search.api import open_front  # noqa: E402
-from search.channels import channel_groups  # noqa: E402
-from search.compile import Compiler, to_relax  # noqa: E402
-from search.compress import output_tolerance  # noqa: E402
-from search.data import evaluate  # noqa: E402
-from search.errors import TrialFailed, UserError  # noqa: E402
-from search.export import load_trial_model, ort_session_bytes  # noqa: E402
-from search.lock import device_lock  # noqa: E402
-from search.measure import onnx_feed, run_and_time, time_onnxruntime  # noqa: E402
-from search.policy import LayerPolicy, Policy  # noqa: E402
-from search.run import RunInfo, make_compiler, setup_threads  # noqa: E402
-from search.study import Evaluator, latency_source  # noqa: E402
-from search.target import Measurement, TargetSpec  # noqa: E402
-from search.task import Task  # noqa: E402
+from search.backend.compile import Compiler  # noqa: E402
+from search.backend.measure import compile_and_time  # noqa: E402
+from search.backend.onnx import onnx_feed, ort_session_bytes, time_onnxruntime  # noqa: E402
+from search.compress.build import output_tolerance  # noqa: E402
+from search.compress.channels import channel_groups  # noqa: E402
+from search.compress.policy import LayerPolicy, Policy  # noqa: E402
+from search.core.data import evaluate  # noqa: E402
+from search.core.errors import TrialFailed, UserError  # noqa: E402
+from search.core.task import Task  # noqa: E402
+from search.devices.lock import device_lock  # noqa: E402
+from search.devices.target import Measurement, TargetSpec  # noqa: E402
+from search.jobs.run import make_compiler  # noqa: E402
+from search.study.evaluate import Evaluator  # noqa: E402
+from search.study.runfolder import RunInfo, load_trial_model, setup_threads  # noqa: E402
 
 
 @dataclass
@@ -193,13 +194,8 @@ def kib(n: int | None) -> str:
 def tvm_time(compiler: Compiler, model: nn.Module, example: tuple[torch.Tensor, ...],
              target: TargetSpec, atol: float) -> tuple[float, str]:
     """Compile with the run's tuning database (records reused) and time as a trial is."""
-    with torch.no_grad():
-        reference = model(*example)
-    compiled = compiler.compile(to_relax(model, example))
-    with device_lock(target):
-        lat = run_and_time(compiled.executable, example, reference, target.measurement,
-                           target.device(), atol=atol)
-    source = latency_source(target.name, compiled.tuned, compiled.tasks, lat.emulated_by)
+    timed = compile_and_time(model, example, compiler, target, atol=atol)
+    lat, compiled, source = timed.latency, timed.compiled, timed.source
     new = f", {compiled.new_tasks} tuned now" if compiled.new_tasks else ""
     return lat.median_ms, (f"TVM {source}, kernels {compiled.tuned}/{compiled.tasks} from db"
                            f"{new}; IQR {lat.p25_ms:.3f}-{lat.p75_ms:.3f}")
@@ -355,7 +351,7 @@ def main() -> None:
             result, cut = evaluator(policy)
             wall = time.perf_counter() - start
             rows.append(Row(label, result.latency.median_ms, result.test_accuracy,
-                            kib(result.stats.size_bytes),
+                            kib(result.size_bytes),
                             f"Evaluator: {len(policy.layers)} roots, fine-tune "
                             f"{config.finetune_steps} steps, TVM {result.latency_source}, "
                             f"{result.new_kernels}/{result.kernels} kernels tuned now "

@@ -19,11 +19,11 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from search.compile import Compiler, to_relax  # noqa: E402
-from search.device import Device  # noqa: E402
-from search.measure import run_and_time  # noqa: E402
-from search.run import RunInfo, tuning_dir  # noqa: E402
-from search.task import load_task  # noqa: E402
+from search.backend.compile import Compiler, to_relax  # noqa: E402
+from search.backend.measure import run_and_time  # noqa: E402
+from search.core.task import load_task  # noqa: E402
+from search.devices.device import Device  # noqa: E402
+from search.study.runfolder import RunInfo, tuning_dir
 
 
 def free_port() -> int:

@@ -1,9 +1,9 @@
 """Hypervolume after N trials: the default sampler (multi-objective TPE) vs random search vs
 NSGA-II, same seeds, same trial count, one run, one tuning database.
 
-    python bench/bench_samplers.py [--task search.task:digits_resnet] [--trials 16]
+    python bench/bench_samplers.py [--task search.tasks:digits_resnet] [--trials 16]
 
-The hypervolume is `search.report.hypervolume` (accuracy, latency, size; one reference for all
+The hypervolume is `search.report.show.hypervolume` (accuracy, latency, size; one reference for all
 three runs: the largest uncompressed latency and size among them), computed over the complete
 trials after each count in --checkpoints.
 """
@@ -16,15 +16,16 @@ from pathlib import Path
 
 import optuna
 
-from search.config import SearchConfig
-from search.report import hypervolume, reference_for
-from search.run import prepare, search
+from search.api import search
+from search.jobs.run import prepare
+from search.report.compare import hypervolume, reference_for
+from search.study.config import SearchConfig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="search.task:digits_resnet")
+    parser.add_argument("--task", default="search.tasks:digits_resnet")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--budget-ms", type=float, default=0.5)
     parser.add_argument("--checkpoints", default="6,10,16")

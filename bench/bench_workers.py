@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from search.task import cache_dir, digits
+from search.core.task import cache_dir
+from search.tasks.digits import digits
 
 
 def main() -> None:

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from search.api import Front, open_front, search
-    from search.config import SearchConfig
-    from search.data import Split
-    from search.task import Task
+    from search.core.data import Split
+    from search.core.task import Task
+    from search.study.config import SearchConfig
 
 __all__ = ["Front", "SearchConfig", "Split", "Task", "open_front", "search"]
 
 _WHERE = {"search": "search.api", "open_front": "search.api", "Front": "search.api",
-          "Task": "search.task", "Split": "search.data", "SearchConfig": "search.config"}
+          "Task": "search.core.task", "Split": "search.core.data",
+          "SearchConfig": "search.study.config"}
 
 
 def __getattr__(name: str) -> Any:

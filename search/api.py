@@ -20,13 +20,15 @@ from typing import Any
 
 from torch import nn
 
-from search.config import SearchConfig, parse_duration_ms
-from search.errors import UserError
-from search.export import Exported, export_trial, load_trial_model
-from search.front import Point, table
-from search.recover import Finetuned, finetune_trial
-from search.run import RunInfo, prepare, run_search, setup_threads
-from search.task import PYTHON_TASK, Task, load_task
+from search.core.errors import UserError
+from search.core.task import PYTHON_TASK, Task, load_task
+from search.jobs.run import prepare, run_search
+from search.report.export import Exported, export_trial
+from search.report.front import table
+from search.report.recover import Finetuned, finetune_trial
+from search.study.config import SearchConfig, parse_duration_ms
+from search.study.points import Point
+from search.study.runfolder import RunInfo, load_trial_model, setup_threads
 
 
 def _budget_ms(budget: str | float) -> float:
@@ -147,7 +149,7 @@ class Front:
 
     def _point(self, raw: dict[str, Any]) -> Point:
         try:
-            return Point(**raw)
+            return Point.from_dict(raw)
         except TypeError:
             raise UserError(f"{self.run_dir / 'front.json'} was written by another version of "
                             f"search; write it again: search run --out {self.run_dir} "

@@ -8,12 +8,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from search.errors import InternalError, UserError
+from search.core.errors import InternalError, UserError
 
 EXAMPLES = """\
 examples:
   search run --target host --budget 1.5ms --trials 5   # the default: ImageNet MobileNetV2 (ELPV)
-  search run --task search.pretrained:minilm_text --budget 8ms   # a BERT-class encoder
+  search run --task search.tasks:minilm_text --budget 8ms   # a BERT-class encoder
   search run --target host --budget 800us --trials 30 --out runs/tight
   search run --config configs/default.yaml --target host --budget 5ms
   search run --out runs/host-5ms --resume        # continue an interrupted run
@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="latency budget per input, with a unit: 5ms, 800us, 0.005s "
                           "[default: 5ms]")
     run.add_argument("--task", metavar="MODULE:FUNCTION",
-                     help="the task's entry point, e.g. search.pretrained:minilm_text "
-                          "[default: the config's, search.pretrained:mobilenet_v2]")
+                     help="the task's entry point, e.g. search.tasks:minilm_text "
+                          "[default: the config's, search.tasks:mobilenet_v2]")
     run.add_argument("--trials", type=int,
                      help="candidates to evaluate, seeds included [default: config, 16]")
     run.add_argument("--timeout",
@@ -151,9 +151,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from search.api import search
-    from search.config import parse_timeout_s
-    from search.run import RunInfo
-    from search.study import redact
+    from search.study.config import parse_timeout_s
+    from search.study.runfolder import RunInfo
+    from search.study.storage import redact
 
     if args.resume and args.out is None:
         raise UserError("--resume needs --out RUN_FOLDER (the folder of the run to continue)")
@@ -185,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from search.run import run_worker
+    from search.jobs.run import run_worker
 
     device = {k: v for k, v in (("rpc", args.rpc), ("tracker", args.tracker),
                                 ("key", args.key)) if v}
@@ -196,8 +196,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_front(args: argparse.Namespace) -> int:
-    from search.front import table
-    from search.report import load_front
+    from search.report.compare import load_front
+    from search.report.front import table
 
     if not (args.run_dir / "front.json").exists():
         raise UserError(f"no front.json in {str(args.run_dir)!r}: is it a finished run folder?")
@@ -207,14 +207,19 @@ def _cmd_front(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from search.export import export_trial
+    from search.report.export import export_trial
 
     out = args.out or args.run_dir / "export" / f"trial_{args.trial}"
     result = export_trial(args.run_dir, args.trial, out)
+    kinds = ", ".join(f"{n / 1024:,.0f} KiB {dtype}"
+                      for dtype, n in sorted(result.weight_bytes.by_dtype.items()))
+    print(f"TVM library {result.tvm_library}  (load with tvm.runtime.load_module, run with "
+          f"relax.VirtualMachine); weights {result.weight_bytes.total:,} bytes, read from the "
+          f"file ({kinds})")
     print(f"ONNX        {result.onnx}  (ONNX Runtime matches PyTorch, max abs error "
           f"{result.onnx_max_abs_error:.2g})")
-    print(f"TVM library {result.tvm_library}  (load with tvm.runtime.load_module, run with "
-          f"relax.VirtualMachine)")
+    for note in result.notes:
+        print(f"            note: {note}")
     print(f"policy      {result.policy}")
     return 0
 
@@ -232,7 +237,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from search.sweep import SweepConfig, run_sweep
+    from search.jobs.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig.load(args.sweep_file)
     try:
@@ -251,21 +256,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from search.report import show
+    from search.report.show import show
 
     print(show(args.run_dir, args.trial, measure=args.latency))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from search.report import compare, comparison_table
+    from search.report.compare import compare, comparison_table
 
     print(comparison_table(compare(args.run_a, args.run_b, force=args.force)))
     return 0
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from search.target import available, load_target
+    from search.devices.target import available, load_target
 
     print(f"{'target':<16} {'reached':<26} {'hardware arithmetic':<24} description")
     for name in available():

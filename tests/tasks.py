@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from search.data import Split
-from search.task import Task, digits
+from search.core.data import Split
+from search.core.task import Task
+from search.tasks.digits import digits
 
 
 def tiny(width: int = 64) -> Task:
@@ -95,7 +96,7 @@ def token_data(n: int, seed: int, seq: int = 12, vocab: int = 40):
 
 
 def _train_encoder(model: torch.nn.Module, data, steps: int = 150) -> torch.nn.Module:
-    from search.data import select
+    from search.core.data import select
 
     torch.manual_seed(0)
     (ids, mask), y = data

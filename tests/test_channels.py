@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from search.channels import (
+from search.compress.channels import (
     IMPORTANCES,
     channel_groups,
     group_details,
@@ -19,7 +19,7 @@ from search.channels import (
     select_channels,
     sparsity_choices,
 )
-from search.models import DigitsNet, MobileNetTiny, ResNetTiny, TransformerTiny
+from search.tasks.digits import DigitsNet, MobileNetTiny, ResNetTiny, TransformerTiny
 
 EXAMPLE = torch.zeros(1, 1, 16, 16)
 MODELS = {

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from search.config import parse_duration_ms
-from search.errors import UserError
+from search.core.errors import UserError
+from search.study.config import parse_duration_ms
 from tests.conftest import cli_env
 
 

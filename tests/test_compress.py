@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from search.compress import Half, build, factorize, model_stats, restructure
-from search.policy import LayerPolicy, Policy, factorized_rank
+from search.compress.build import build, restructure
+from search.compress.lowrank import factorize, factorized_rank
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.precision import Half
+from search.compress.size import model_stats
 
 
 def stats(task, policy):
@@ -22,7 +25,7 @@ def test_low_rank_replaces_the_layer_by_two_smaller_ones(tiny_task):
     assert isinstance(fc1, nn.Sequential) and fc1[0].out_features == 16  # 64 * 0.25
     assert isinstance(model.conv2, nn.Sequential) and model.conv2[1].kernel_size == (1, 1)
     low = model_stats(model, policy, tiny_task.example)
-    assert low.params < base.params and low.flops < base.flops and low.size_bytes < base.size_bytes
+    assert low.params < base.params and low.flops < base.flops and low.ideal_size_bytes < base.ideal_size_bytes
 
 
 @pytest.mark.parametrize("layer, split", [
@@ -66,8 +69,8 @@ def test_precision_halves_or_quarters_the_stored_bytes(tiny_task):
     half = stats(tiny_task, Policy({"fc1": LayerPolicy(bits=16)}))
     int8 = stats(tiny_task, Policy({"fc1": LayerPolicy(bits=8)}))
     fc1_weight = 4096 * 64
-    assert full.size_bytes - half.size_bytes == fc1_weight * 2 + 64 * 2 - 64 * 2  # fp32 bias
-    assert full.size_bytes - int8.size_bytes == fc1_weight * 3 - 64 * 4  # + per-channel scales
+    assert full.ideal_size_bytes - half.ideal_size_bytes == fc1_weight * 2 + 64 * 2 - 64 * 2  # fp32 bias
+    assert full.ideal_size_bytes - int8.ideal_size_bytes == fc1_weight * 3 - 64 * 4  # + per-channel scales
     model = build(tiny_task.model, Policy({"fc1": LayerPolicy(bits=16)}), tiny_task.example)
     assert isinstance(model.fc1, Half) and model.fc1.layer.weight.dtype == torch.float16
     q = build(tiny_task.model, Policy({"fc1": LayerPolicy(bits=8)}), tiny_task.example)
@@ -77,8 +80,8 @@ def test_precision_halves_or_quarters_the_stored_bytes(tiny_task):
 
 
 def test_magnitude_pruning_zeros_weights_survives_fine_tune_and_stores_sparse(tiny_task):
-    from search.compress import apply_precision
-    from search.finetune import FinetuneOptions, Teacher, distill
+    from search.compress.build import apply_precision
+    from search.finetune.distill import FinetuneOptions, Teacher, distill
 
     policy = Policy({"fc1": LayerPolicy(prune=0.9), "conv2": LayerPolicy(prune=0.5)})
     model = restructure(tiny_task.model, policy, tiny_task.example)
@@ -90,7 +93,7 @@ def test_magnitude_pruning_zeros_weights_survives_fine_tune_and_stores_sparse(ti
     assert zeros >= 0.9 - 1e-3 and float((model.conv2.weight == 0).float().mean()) >= 0.5 - 1e-3
     base = model_stats(tiny_task.model, Policy(), tiny_task.example)
     pruned = model_stats(model, policy, tiny_task.example)
-    assert pruned.size_bytes < base.size_bytes and pruned.params == base.params  # stored sparse
+    assert pruned.ideal_size_bytes < base.ideal_size_bytes and pruned.params == base.params  # stored sparse
 
 
 def test_weight_sharing_leaves_2_to_the_b_values_and_counts_codes_not_floats(tiny_task):
@@ -103,7 +106,7 @@ def test_weight_sharing_leaves_2_to_the_b_values_and_counts_codes_not_floats(tin
     shared = model_stats(model, policy, tiny_task.example)
     fc1 = 4096 * 64
     # fc1 alone goes from 32 to 2 bits per weight (+ a 4-value codebook)
-    assert base.size_bytes - shared.size_bytes >= fc1 * 4 - fc1 // 4 - 16
+    assert base.ideal_size_bytes - shared.ideal_size_bytes >= fc1 * 4 - fc1 // 4 - 16
     x = tiny_task.val.inputs(64)[0]
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.5  # 4 shared values still carry the layer (no fine-tune here)

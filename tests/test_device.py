@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from search.compile import Compiler, to_relax
-from search.device import Device
-from search.errors import TrialFailed
-from search.measure import run_and_time
-from search.target import Measurement, load_target
+from search.backend.compile import Compiler, to_relax
+from search.backend.measure import run_and_time
+from search.core.errors import TrialFailed
+from search.devices.device import Device
+from search.devices.target import Measurement, load_target
 from tests.conftest import cli_env
 from tests.rpc_helpers import kill, rpc_server, rpc_tracker, wait_key
 
@@ -83,7 +83,8 @@ def test_search_run_through_a_tracker_tunes_and_times_on_the_pool(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     front = json.loads((out / "front.json").read_text())
     assert front["trials"]["complete"] == 2 and not front["emulated"]
-    assert all(p["latency_source"] == "measured:host:tuned" for p in front["points"])
+    assert all(p["latency_source"] == {"method": "measured", "target": "host", "tuning": "tuned",
+                                       "emulator": None} for p in front["points"])
 
 
 def test_no_device_is_a_one_line_error_before_any_work(tmp_path):

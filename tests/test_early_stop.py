@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from search.data import accuracy
-from search.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
-from search.finetune import FinetuneOptions, Teacher, distill
+from search.core.data import accuracy
+from search.finetune.distill import FinetuneOptions, Teacher, distill
+from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, checkpoints, stopped_attrs
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]
 DIST = optuna.distributions.FloatDistribution(0, 1)
@@ -117,7 +117,7 @@ def test_the_fine_tune_stops_at_the_first_checkpoint():
 
 
 @pytest.mark.skipif("on_step" not in inspect.signature(distill).parameters,
-                    reason="search.finetune.distill has no on_step callback yet")
+                    reason="search.finetune.distill.distill has no on_step callback yet")
 def test_distill_calls_back_and_stops():
     model, data, curve = small_model(), digits_like(), {}
     teacher = Teacher(small_model(), data)

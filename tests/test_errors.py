@@ -14,12 +14,13 @@ import optuna
 import pytest
 import yaml
 
-import search.study
+import search.backend.measure
+import search.study.evaluate
 from search.cli import main
-from search.config import SearchConfig
-from search.errors import TrialFailed
-from search.run import RunInfo
-from search.task import DEFAULT_TASK
+from search.core.errors import TrialFailed
+from search.core.task import DEFAULT_TASK
+from search.study.config import SearchConfig
+from search.study.runfolder import RunInfo
 from tests.conftest import cli_env
 
 TINY = {"task": "tests.tasks:tiny", "trials": 3, "finetune_steps": 5,
@@ -80,13 +81,13 @@ def study_of(out: Path) -> optuna.Study:
 # --- a bug in a trial stops the run ---------------------------------------------------------
 
 BUG = """
-import search.study
-real = search.study.restructure
+import search.study.evaluate
+real = search.study.evaluate.restructure
 def buggy(model, policy, *args, **kwargs):
     if not all(lp.is_identity for lp in policy.layers.values()):
         return None.weight  # the kind of bug this is about: an AttributeError in our code
     return real(model, policy, *args, **kwargs)
-search.study.restructure = buggy
+search.study.evaluate.restructure = buggy
 """
 
 
@@ -116,7 +117,7 @@ def test_a_run_stopped_by_a_bug_resumes_and_evaluates_that_trial_again(tmp_path,
         raise KeyError("layer")
 
     with monkeypatch.context() as patch:
-        patch.setattr(search.study, "restructure", buggy)
+        patch.setattr(search.study.evaluate, "restructure", buggy)
         code, err, out = run_cli(tmp_path, capfd, trials=2)
     assert code == 1 and "internal error in trial 0: KeyError: 'layer'" in err
     code = main(["run", "--out", str(out), "--resume"])
@@ -130,7 +131,7 @@ def test_a_run_stopped_by_a_bug_resumes_and_evaluates_that_trial_again(tmp_path,
 def test_an_expected_failure_fails_the_trial_only_and_the_study_goes_on(
         tmp_path, capfd, monkeypatch):
     """TrialFailed (a compile error here) is the candidate's: recorded, and the next runs."""
-    real = search.study.to_relax
+    real = search.backend.measure.to_relax
     calls = []
 
     def flaky(model, example):
@@ -139,7 +140,7 @@ def test_an_expected_failure_fails_the_trial_only_and_the_study_goes_on(
             raise TrialFailed("TVM compile failed: TVMError: no schedule")
         return real(model, example)
 
-    monkeypatch.setattr(search.study, "to_relax", flaky)
+    monkeypatch.setattr(search.backend.measure, "to_relax", flaky)
     code, err, out = run_cli(tmp_path, capfd)
     assert code == 0, err
     assert "Traceback" not in err
@@ -167,7 +168,7 @@ def test_a_run_whose_baseline_failed_exits_non_zero_and_says_why(tmp_path, capfd
         raise TrialFailed("model does not export to TVM: Unsupported: data-dependent control "
                           "flow")
 
-    monkeypatch.setattr(search.study, "to_relax", no_export)
+    monkeypatch.setattr(search.backend.measure, "to_relax", no_export)
     code, err, out = run_cli(tmp_path, capfd)
     assert code == 3, err
     line = one_error_line(err, trials_may_fail=True)
@@ -204,7 +205,7 @@ def test_a_run_whose_baseline_failed_exits_non_zero_and_says_why(tmp_path, capfd
     ({"tuning_budget_s": float("nan")}, "tuning_budget_s must be a number of seconds >= 0"),
     ({"sensitivity_max_drop": 5}, "sensitivity_max_drop must be a fraction of accuracy in"),
     ({"dropconnect": 1.5}, "dropconnect must be a number in [0, 1); got 1.5"),
-    ({"knobs": ["rank", "pixie-dust"]}, "knobs must be a non-empty list of rank, threshold"),
+    ({"knobs": ["rank", "pixie-dust"]}, "knobs must be a non-empty list of sparsity, importance, rank"),
     ({"choices": {"bits": [3]}}, "choices for bits: bits must be one of (32, 16, 8, 4, 2, 1)"),
     ({"choices": {"bits": []}}, "choices must map a knob"),
     ({"seeds": [{}, {"rank": 2}]}, "seeds[1]: rank must be in (0, 1], got 2"),

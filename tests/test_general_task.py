@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from search import Task, open_front, search
-from search.channels import channel_groups
-from search.compress import output_tolerance
-from search.data import Split, evaluate
-from search.errors import UserError
-from search.policy import Policy
+from search.compress.build import output_tolerance
+from search.compress.channels import channel_groups
+from search.compress.policy import Policy
+from search.core.data import Split, evaluate
+from search.core.errors import UserError
 from tests import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +59,10 @@ def test_an_integer_two_input_encoder_goes_through_the_whole_path(tmp_path):
     sens = json.loads((tmp_path / "run" / "sensitivity.json").read_text())
     assert sens["entries"] and sens["method"]["metric_split"] == "val"
     assert front.data["trials"]["complete"] == 5
-    assert all(p.latency_source.startswith("measured:host") for p in front.points)
+    assert all(p.latency_source.label.startswith("measured:host") for p in front.points)
     trial = compressed_front_point(front)
     check_export(front, trial, tmp_path)
-    from search.report import show
+    from search.report.show import show
 
     text = show(tmp_path / "run", trial)  # `search show`: layer by layer, two integer inputs
     assert "intermediate" in text and "attention.query" in text

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from search.cli import main
-from search.errors import UserError
-from search.report import Reference, compare, hypervolume, trial_layers
+from search.core.errors import UserError
+from search.report.compare import Reference, compare, hypervolume
+from search.report.show import trial_layers
 from tests.test_study import run_tiny
 
 
@@ -127,7 +128,7 @@ def test_show_latency_times_each_layer_and_says_how(run, tmp_path, capsys):
     for r in t.rows:
         for timing in (r.latency_before, r.latency_after):
             assert timing is not None and timing.error is None and timing.median_ms > 0
-            assert timing.source.startswith("measured:host:")  # tuned / partly / untuned
+            assert timing.source.label.startswith("measured:host:")  # tuned / partly / untuned
             assert timing.input_shape[0] == 1
     factorized = next(r for r in t.rows if "rank" in r.knobs)
     assert factorized.sensitivity == {f"rank={factorized.knobs['rank']}": 0.031}
@@ -158,10 +159,11 @@ def test_show_errors_are_one_line(run, tmp_path, capsys):
 def test_show_counts_an_int8_layer_with_the_front_s_byte_counter(tiny_task):
     """`search show` per layer and the front's size are one counter: an int8 Linear (its
     weights are buffers) is not 0 bytes and 0 parameters."""
-    from search.compress import build, layer_bytes, layer_params, model_stats
-    from search.int8 import Int8Linear
-    from search.policy import LayerPolicy, Policy
-    from search.report import _layer_bytes, _params
+    from search.compress.build import build
+    from search.compress.int8 import Int8Linear
+    from search.compress.policy import LayerPolicy, Policy
+    from search.compress.size import layer_bytes, layer_params, model_stats
+    from search.report.show import _layer_bytes, _params
 
     lp = LayerPolicy(bits=8)
     policy = Policy({"fc1": lp})
@@ -172,6 +174,6 @@ def test_show_counts_an_int8_layer_with_the_front_s_byte_counter(tiny_task):
         fc1.weight_q.numel() + 4 * (2 * fc1.out_features + 2)
     assert _params(fc1) == layer_params(fc1) == fc1.in_features * fc1.out_features + \
         fc1.out_features
-    rest = model_stats(model, policy, tiny_task.example).size_bytes - layer_bytes(fc1, lp)
+    rest = model_stats(model, policy, tiny_task.example).ideal_size_bytes - layer_bytes(fc1, lp)
     plain = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("fc1"))
     assert rest == plain  # the other layers are fp32: the sum is the front's size

@@ -9,17 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from search.compile import to_relax
-from search.int8 import (
-    ActQuant,
-    Int8Linear,
-    calibrate,
-    enable_vnni,
-    int8_kernels,
-    int8_kind,
-    lower_int8,
-    quantize_linears,
-)
+from search.backend.compile import to_relax
+from search.backend.int8 import enable_vnni, int8_kernels, int8_kind, lower_int8
+from search.compress.int8 import ActQuant, Int8Linear, calibrate, quantize_linears
 
 
 class Mlp(nn.Module):
@@ -119,3 +111,56 @@ def test_int8_kind_per_target():
                       "mattr": ["+neon", "+dotprod"]}) == "plain"
     assert int8_kind({"kind": "llvm", "mcpu": "cascadelake"}) == "vnni"
     assert int8_kind({"kind": "llvm", "mcpu": "haswell"}) == "plain"
+
+
+class Encoder(nn.Module):
+    """Linears on 3-D activations (batch, tokens, features), as in a transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 48)
+        self.fc2 = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).mean(dim=1)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    fp32 = Encoder().eval()
+    batches = [torch.randn(4, 8, 64) for _ in range(4)]
+    return quantize_linears(copy.deepcopy(fp32), calibrate(fp32, ["fc1", "fc2"], batches))
+
+
+@pytest.mark.parametrize("kind", ["vnni", "plain"])
+def test_int8_linears_on_3d_activations_lower_to_int8_kernels(encoder, kind):
+    x = torch.randn(1, 8, 64)
+    lowered = lower_int8(to_relax(encoder, (x,)), kind=kind)
+    assert len(int8_kernels(lowered)) == 2  # the frontend's reshape to 2-D is looked through
+
+
+def test_compiled_3d_int8_encoder_matches_torch_and_counts_its_int8_kernels(encoder, tmp_path):
+    from search.backend.compile import Compiler
+    from search.backend.measure import compile_and_time
+    from search.devices.target import Measurement, load_target
+
+    compiler = Compiler(load_target("host"), tmp_path / "db", trials_per_task=0)
+    timed = compile_and_time(encoder, (torch.randn(1, 8, 64),), compiler,
+                             settings=Measurement(1, 1, 1), atol=1e-4)
+    assert timed.compiled.int8_kernels == 2 and timed.latency.median_ms > 0
+
+
+def test_an_int8_layer_the_lowering_misses_fails_the_trial_with_that_reason(encoder, tmp_path,
+                                                                          monkeypatch):
+    import search.backend.int8
+    from search.backend.compile import Compiler
+    from search.backend.measure import compile_and_time
+    from search.core.errors import TrialFailed
+    from search.devices.target import Measurement, load_target
+
+    monkeypatch.setattr(search.backend.int8, "lower_int8", lambda mod, **kw: mod)
+    compiler = Compiler(load_target("host"), tmp_path / "db", trials_per_task=0)
+    with pytest.raises(TrialFailed, match="2 of 2 int8 layers did not lower to int8 kernels"):
+        compile_and_time(encoder, (torch.randn(1, 8, 64),), compiler,
+                         settings=Measurement(1, 1, 1), atol=1e-4)

@@ -7,11 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from search.compress import Half, apply_precision, build, model_stats, restructure
-from search.finetune import FinetuneOptions, Teacher, attach_training_transforms, distill
-from search.policy import LayerPolicy, Policy, derive_space, soft_threshold_rank, threshold_rank
-from search.quantize import nm_mask, quantize
-from search.target import load_target
+from search.compress.build import apply_precision, build, restructure
+from search.compress.lowrank import soft_threshold_rank, threshold_rank
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.precision import Half, precision_of
+from search.compress.quantize import nm_mask, quantize
+from search.compress.size import model_stats
+from search.compress.space import derive_space
+from search.devices.target import load_target
+from search.finetune.distill import FinetuneOptions, Teacher, attach_training_transforms, distill
 
 
 def stats(task, policy):
@@ -65,7 +69,7 @@ def test_n_m_sparsity_keeps_n_of_every_m_through_the_fine_tune(tiny_task):
     assert (groups <= 2).all()
     dense, sparse = stats(tiny_task, Policy()), model_stats(model, policy, tiny_task.example)
     fc1 = 4096 * 64  # 32-bit values -> half of them at 32 bits + a 2-bit index each
-    assert dense.size_bytes - sparse.size_bytes == fc1 * 4 - fc1 // 2 * (32 + 2) // 8
+    assert dense.ideal_size_bytes - sparse.ideal_size_bytes == fc1 * 4 - fc1 // 2 * (32 + 2) // 8
 
 
 @pytest.mark.parametrize("bits, levels", [(8, 255), (4, 15), (2, 3), (1, 2)])
@@ -80,7 +84,7 @@ def test_low_bit_weights_have_that_many_values_per_channel(bits, levels):
 
 
 def test_fewer_bits_store_fewer_bytes(tiny_task):
-    sizes = [stats(tiny_task, Policy({"fc1": LayerPolicy(bits=b)})).size_bytes
+    sizes = [stats(tiny_task, Policy({"fc1": LayerPolicy(bits=b)})).ideal_size_bytes
              for b in (32, 16, 8, 4, 2, 1)]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 6
     fc1 = 4096 * 64
@@ -93,14 +97,14 @@ def test_low_rank_factors_are_quantized_too(tiny_task):
     model = build(tiny_task.model, both, tiny_task.example)
     for factor in model.fc1:
         assert all(len(torch.unique(row)) <= 15 for row in factor.weight)
-    assert stats(tiny_task, both).size_bytes < stats(tiny_task, low).size_bytes
+    assert stats(tiny_task, both).ideal_size_bytes < stats(tiny_task, low).ideal_size_bytes
 
 
 def test_bf16_layers_compute_in_bf16_and_the_target_says_where_that_is_software(tiny_task):
     policy = Policy({"fc1": LayerPolicy(bits=16, half="bf16")})
     model = build(tiny_task.model, policy, tiny_task.example)
     assert isinstance(model.fc1, Half) and model.fc1.layer.weight.dtype == torch.bfloat16
-    assert LayerPolicy(bits=16, half="bf16").precision == "bf16"
+    assert precision_of(LayerPolicy(bits=16, half="bf16")) == "bf16"
     pi4 = load_target("raspberry-pi")  # Cortex-A72: no fp16 arithmetic, no bf16
     assert pi4.software_precisions(policy) == ["bf16"]
     assert pi4.software_precisions(Policy({"fc1": LayerPolicy(bits=16)})) == ["fp16"]
@@ -189,11 +193,12 @@ def test_elastic_net_penalty_shrinks_the_compressed_weights(tiny_task):
 
 
 def test_int8_linears_become_integer_layers_that_compile_to_int8_kernels(tiny_task, tmp_path):
-    from search.compile import Compiler, to_relax
-    from search.export import check_onnx, to_onnx
-    from search.int8 import Int8Linear, int8_kernels, lower_int8
-    from search.measure import run_and_time
-    from search.target import Measurement
+    from search.backend.compile import Compiler, to_relax
+    from search.backend.int8 import int8_kernels, lower_int8
+    from search.backend.measure import run_and_time
+    from search.backend.onnx import check_onnx, to_onnx
+    from search.compress.int8 import Int8Linear
+    from search.devices.target import Measurement
 
     policy = Policy({"fc1": LayerPolicy(bits=8), "fc2": LayerPolicy(rank=0.5, bits=8)})
     model = build(tiny_task.model, policy, tiny_task.example, tiny_task.train)
@@ -202,7 +207,7 @@ def test_int8_linears_become_integer_layers_that_compile_to_int8_kernels(tiny_ta
     storage_only = build(tiny_task.model, policy, tiny_task.example)  # no calibration data
     assert isinstance(storage_only.fc1, nn.Linear)
     real, stored = (model_stats(m, policy, tiny_task.example) for m in (model, storage_only))
-    assert real.flops == stored.flops and abs(real.size_bytes - stored.size_bytes) < 2048
+    assert real.flops == stored.flops and abs(real.ideal_size_bytes - stored.ideal_size_bytes) < 2048
     (x,), y = tiny_task.val.tensors
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.9  # calibrated 8-bit activations keep the predictions

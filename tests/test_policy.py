@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.channels import round_channels
-from search.compress import build
-from search.policy import LayerPolicy, Policy, derive_space, uniform
+from search.compress.build import build
+from search.compress.channels import round_channels
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.space import derive_space, uniform
 
 
 def test_space_is_derived_from_the_model(tiny_task):

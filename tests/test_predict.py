@@ -11,20 +11,23 @@ import pytest
 import torch
 from torch import nn
 
-from search.compile import Compiler
-from search.compress import Half, build, restructure
-from search.int8 import ActQuant, Int8Linear, int8_kind
-from search.policy import LayerPolicy, Policy, derive_space, uniform
-from search.predict import (
+from search.backend.compile import Compiler
+from search.backend.int8 import int8_kind
+from search.backend.latency_table import (
     LatencyTable,
     MissingLayers,
     deployed_form,
     error_report,
     layer_ops,
-    measure_whole,
     verify_front,
 )
-from search.target import Measurement, load_target
+from search.backend.measure import compile_and_time
+from search.compress.build import build, restructure
+from search.compress.int8 import ActQuant, Int8Linear
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.precision import Half
+from search.compress.space import derive_space, uniform
+from search.devices.target import Measurement, load_target
 
 FAST = Measurement(number=3, repeat=5, min_repeat_ms=20)  # the machine is shared: not 5 ms
 
@@ -48,7 +51,7 @@ def table(untuned, models, tiny_task) -> LatencyTable:
     t = LatencyTable.for_compiler(untuned)
     x = tiny_task.example
     t.measure_missing(models["base"], x, untuned, settings=FAST)
-    whole, _ = measure_whole(models["base"], x, untuned, settings=FAST)
+    whole = compile_and_time(models["base"], x, untuned, settings=FAST).latency
     t.record_whole(models["base"], x, whole.median_ms, family="tiny")
     t.measure_missing(models["rank"], x, untuned, settings=FAST)
     return t
@@ -75,7 +78,7 @@ def test_each_op_is_measured_once_and_reused(table, untuned, models, tiny_task):
     again = LatencyTable(table.path, "host")  # another process: same file
     assert again.missing(models["base"], x) == []
     entry = next(iter(again.layers.values()))
-    assert entry["tuning"] == "untuned" and entry["source"] == "measured:host:untuned"
+    assert entry["tuning"] == "untuned" and entry["source"]["method"] == "measured"
     # tuned entries wanted (a tuning compiler): the untuned ones count as missing
     assert len(again.missing(models["base"], x, tuned=True)) == 5
 
@@ -86,7 +89,7 @@ def test_prediction_compiles_nothing(table, untuned, models, tiny_task, monkeypa
 
     monkeypatch.setattr(untuned, "compile", no_compile)
     p = table.predict(models["rank"], tiny_task.example, family="tiny")
-    assert p.source == "predicted:host:untuned"
+    assert p.source.label == "predicted:host:untuned" and p.source.estimate
     assert p.residual_from == 0 and p.ms == p.layer_sum_ms  # one whole model: not used yet
     assert len(p.per_layer) == len(layer_ops(models["rank"], tiny_task.example))
     with pytest.raises(MissingLayers) as info:  # its fp16 ops were never measured
@@ -99,7 +102,7 @@ def test_prediction_follows_the_measured_whole_model(table, untuned, models, tin
     base = table.predict(models["base"], x, family="tiny")
     rank = table.predict(models["rank"], x, family="tiny")
     assert rank.ms < base.ms  # a rank-0.125 model is predicted faster
-    measured, _ = measure_whole(models["rank"], x, untuned, settings=FAST)
+    measured = compile_and_time(models["rank"], x, untuned, settings=FAST).latency
     # untuned kernels on a shared machine: a loose factor (bench/bench_predict.py: the figures)
     assert measured.median_ms / 4 < rank.ms < measured.median_ms * 4
     # the residual: the median of (measured - op sum), used once 3 models were measured whole
@@ -146,7 +149,7 @@ def test_front_points_are_measured_whole_and_teach_the_residual(table, untuned, 
     assert predicted.residual_from == 0
     rows, report = verify_front([(7, models["rank"], predicted.ms, 1e-3)], x, table, untuned,
                                 family="front", settings=FAST)
-    assert rows[0]["point"] == 7 and rows[0]["tuning"] == "untuned"
+    assert rows[0]["point"] == 7 and rows[0]["source"]["tuning"] == "untuned"
     assert report["n"] == 1 and report["median_abs_rel_error"] == pytest.approx(
         abs(rows[0]["rel_error"]))
     assert len(table.records("front")) == 1  # recorded after the error was taken

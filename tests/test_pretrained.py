@@ -1,4 +1,4 @@
-"""The built-in tasks on real pretrained weights (search.pretrained).
+"""The built-in tasks on real pretrained weights (search.tasks.pretrained).
 
 Each test is skipped, with the pip command, when the package holding its weights or data is not
 installed. The fine-tunes (1.5-2 minutes each, once per cache) are marked slow.
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from search import pretrained as P
-from search.data import evaluate
-from search.errors import UserError
+from search.core.data import evaluate
+from search.core.errors import UserError
+from search.tasks import pretrained as P
 
 
 def need(package: str, pip: str) -> None:
@@ -46,7 +46,7 @@ def need_bbc() -> None:
 
 def onnx_outputs(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
                  inputs: list[tuple[torch.Tensor, ...]], names: list[str]) -> np.ndarray:
-    """Export as search.export.to_onnx does (TorchScript exporter, opset 17); run in ORT."""
+    """Export as search.report.export.to_onnx does (TorchScript exporter, opset 17); run in ORT."""
     import onnxruntime as ort
 
     buf = io.BytesIO()

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from search.compress import build
-from search.data import evaluate
-from search.policy import KNOBS, LayerPolicy, Policy, derive_space
-from search.sensitivity import (
-    PAIRED,
+from search.compress.build import build
+from search.compress.knob import REGISTRY, knob_names
+from search.compress.lowrank import top_svd
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.space import derive_space
+from search.core.data import evaluate
+from search.study.sensitivity import (
     LayerSensitivity,
     Sensitivity,
     _cost,
@@ -22,9 +24,8 @@ from search.sensitivity import (
     measure_sensitivity,
     narrow_space,
     sensitivity_table,
-    top_svd,
 )
-from search.task import digits
+from search.tasks.digits import digits
 
 DEFAULT_KNOBS = ("rank", "sparsity", "bits")
 
@@ -42,7 +43,7 @@ def space(task):
 @pytest.fixture(scope="module")
 def sens(task, space):
     """Every knob the policy has, so a new knob is covered without editing this test."""
-    return measure_sensitivity(task, space, list(KNOBS))
+    return measure_sensitivity(task, space, list(knob_names()))
 
 
 def _identity(knob):
@@ -51,7 +52,7 @@ def _identity(knob):
 
 def test_covers_every_layer_and_value(space, sens):
     for ls in space:
-        for knob in KNOBS:
+        for knob in knob_names():
             for value in ls.choices(knob):
                 if value == _identity(knob):
                     assert sens.get(ls.name, knob, value) is None
@@ -64,7 +65,7 @@ def test_covers_every_layer_and_value(space, sens):
                     assert entry is not None, (ls.name, knob, value, skipped)
                 if entry is not None:
                     assert entry.accuracy_drop == pytest.approx(sens.baseline - entry.metric)
-                    assert bool(entry.paired) == (knob in PAIRED)
+                    assert bool(entry.paired) == bool(REGISTRY[knob].needs)
 
 
 def test_dependent_knobs_are_paired_with_the_harshest_value(space, sens):
@@ -217,7 +218,7 @@ def test_narrow_space_on_a_measured_pass(space, sens):
     narrowed = narrow_space(space, sens, max_drop=0.0)
     assert [s.name for s in narrowed] == [s.name for s in space]
     for before, after in zip(space, narrowed, strict=True):
-        for knob in KNOBS:
+        for knob in knob_names():
             kept = after.choices(knob)
             assert kept[0] == before.choices(knob)[0] == _identity(knob)
             assert set(kept) <= set(before.choices(knob))

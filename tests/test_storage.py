@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from search.storage import huffman_bits, relative_indices, weight_bytes
+from search.compress.sparse import huffman_bits, relative_indices, weight_bytes
 
 
 def test_relative_indices_round_trip_with_fillers():

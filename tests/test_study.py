@@ -15,10 +15,11 @@ import optuna
 import pytest
 import yaml
 
-from search.config import SearchConfig
-from search.errors import SearchFailed
-from search.policy import LayerSpace, uniform
-from search.run import RunInfo, prepare, run_search
+from search.compress.space import LayerSpace, uniform
+from search.core.errors import SearchFailed
+from search.jobs.run import prepare, run_search
+from search.study.config import SearchConfig
+from search.study.runfolder import RunInfo
 from tests.conftest import cli_env
 
 TINY = {"task": "tests.tasks:tiny", "trials": 6, "finetune_steps": 5,
@@ -49,7 +50,8 @@ def test_a_run_writes_a_front_a_user_can_pick_from(tiny_run):
         assert set(p) >= {"trial", "test_accuracy", "val_accuracy", "latency_ms",
                           "latency_source", "size_bytes", "feasible", "policy"}
         assert 0.0 <= p["test_accuracy"] <= 1.0 and 0.0 <= p["val_accuracy"] <= 1.0
-        assert p["latency_source"] == "measured:host:untuned"  # tuning was off: it says so
+        assert p["latency_source"]["method"] == "measured"  # timed, not predicted
+        assert p["latency_source"]["tuning"] == "untuned"  # tuning was off: it says so
         assert p["feasible"] == (p["latency_ms"] <= 0.5)
         assert (out / "front" / f"trial_{p['trial']:04d}.yaml").exists()
     # no front point is dominated by another complete trial
@@ -90,6 +92,13 @@ def test_front_and_export_commands(tiny_run):
     folder = out / "export" / f"trial_{trial}"
     assert (folder / "model.onnx").stat().st_size > 0
     assert (folder / "model_host.so").stat().st_size > 0
+    # what the front says the point weighs is what the written library carries
+    from search.backend.artifact import library_weight_bytes
+
+    point = data["points"][0]
+    assert library_weight_bytes(folder / "model_host.so").total == point["size_bytes"]
+    assert f"weights {point['size_bytes']:,} bytes, read from the file" in exported.stdout
+    assert not (out / "export" / f"trial_{trial}.partial").exists()
     assert yaml.safe_load((folder / "policy.yaml").read_text())["layers"]
     # the exported library loads and runs in TVM
     import numpy as np
@@ -155,13 +164,16 @@ def test_a_killed_run_resumes_and_keeps_its_finished_trials(tmp_path):
     assert RunInfo.load(out).config.trials == 5
 
 
-def test_unstructured_pruning_is_opt_in_and_shows_as_size_not_latency(tmp_path):
+def test_unstructured_pruning_is_opt_in_and_shrinks_only_the_estimate(tmp_path):
+    """Pruned weights are stored dense in the library (no sparse format is written), so the
+    artifact's size stays; the ideal size, an estimate of the sparse format, goes down."""
     data = run_tiny(tmp_path / "r", trials=2, knobs=["rank", "sparsity", "bits", "prune"],
                     seeds=[{}, {"prune": 0.9}], sensitivity_max_drop=None)  # keep every value
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
     base, pruned = study.trials[0], study.trials[1]
     assert all(v == 0.9 for k, v in pruned.params.items() if k.endswith(".prune"))
-    assert pruned.user_attrs["size_bytes"] < 0.5 * base.user_attrs["size_bytes"]
+    assert pruned.user_attrs["size_bytes"] == base.user_attrs["size_bytes"]  # written dense
+    assert pruned.user_attrs["ideal_size_bytes"] < 0.5 * base.user_attrs["ideal_size_bytes"]
     assert pruned.user_attrs["params"] == base.user_attrs["params"]  # still dense in the graph
     assert data["trials"]["complete"] == 2
     # the default space has no prune parameter at all
@@ -201,17 +213,21 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
     data = run_tiny(tmp_path / "r", trials=5, latency="predicted", early_stop=True)
     assert data["points"]
     for p in data["points"]:
-        assert p["latency_source"].startswith("measured:host:")  # not "predicted"
+        assert p["latency_source"]["method"] == "measured"  # not "predicted"
     table = data["latency_table"]
     rows = {r["point"]: r for r in table["points"] if "error" not in r}
-    for p in data["points"]:  # each front point's latency is its whole-model measurement
-        assert p["latency_ms"] == rows[p["trial"]]["measured_ms"]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
+    for p in data["points"]:  # each front point's latency is its whole-model measurement:
+        own = study.trials[p["trial"]].user_attrs["latency_source"]["method"]
+        if own == "predicted":  # measured whole after the search, for the front
+            assert p["latency_ms"] == rows[p["trial"]]["measured_ms"]
+        else:  # the uncompressed model is measured whole during the search
+            assert own == "measured" and p["trial"] not in rows
     # the reported error is that of the predictions against those measurements
     rel = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows.values()]
     assert table["error"]["n"] == len(rows) >= 1
     assert table["error"]["median_abs_rel_error"] == pytest.approx(statistics.median(rel))
-    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
-    sources = {t.user_attrs["latency_source"].split(":")[0] for t in study.trials
+    sources = {t.user_attrs["latency_source"]["method"] for t in study.trials
                if t.state == optuna.trial.TrialState.COMPLETE}
     assert "predicted" in sources  # the search itself ran on predictions
     # the study finished its 5 trials; early stopping only prunes, with its reason
@@ -221,3 +237,22 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
             (t.number, t.state, t.user_attrs.get("fail_reason"))
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["fail_reason"].startswith("stopped early")
+
+
+def test_a_bf16_point_exports_a_library_and_an_onnx_model_onnx_runtime_runs(tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 MatMul: the ONNX model holds those layers as fp32
+    with the same bf16-rounded weights (and says so); the TVM library keeps them bf16."""
+    out = tmp_path / "r"
+    run_tiny(out, trials=2, sensitivity=False, knobs=["bits", "half"],
+             seeds=[{}, {"bits": 16, "half": "bf16"}])
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    bf16 = next(t.number for t in study.trials if "bf16" in t.user_attrs.get("precisions", []))
+    from search.backend.artifact import library_weight_bytes
+    from search.report.export import export_trial
+
+    assert (out / "trials" / f"{bf16:04d}" / "model.pt").exists()  # smaller: on the front
+    exported = export_trial(out, bf16, tmp_path / "export")
+    assert "bfloat16" in library_weight_bytes(exported.tvm_library).by_dtype
+    assert exported.notes and "bf16" in exported.notes[0]
+    assert exported.onnx_max_abs_error <= 0.1
+    assert not (tmp_path / "export.partial").exists()

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from search.cli import main
-from search.config import SearchConfig
-from search.errors import UserError
-from search.sweep import SweepConfig, compare_fronts
+from search.core.errors import UserError
+from search.jobs.sweep import SweepConfig, compare_fronts
+from search.study.config import SearchConfig
 from tests.conftest import cli_env
 
 TINY = {"task": "tests.tasks:tiny", "trials": 2, "finetune_steps": 5,

@@ -20,8 +20,8 @@ import optuna
 import pytest
 import yaml
 
-from search.errors import UserError
-from search.run import check_out_dir
+from search.core.errors import UserError
+from search.jobs.run import check_out_dir
 from tests.conftest import cli_env
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

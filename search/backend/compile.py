@@ -1,0 +1,310 @@
+"""Compile a candidate with TVM (Relax) for the target, with MetaSchedule-tuned kernels.
+
+Untuned TVM on CPU runs naive loops (60x slower than tuned on the default model), so latency that
+ranks candidates must come from tuned kernels. Tuning records go to one database per target
+(`<cache>/tuning/<target key>/`), reused across trials and runs: a workload seen before (same
+shapes, which channel rounding makes common) costs nothing to tune again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.backend.artifact import WeightBytes, module_weight_bytes
+from search.backend.intrinsics import light_tensor_intrinsics
+from search.backend.runner_args import valid_arguments
+from search.core.errors import TrialFailed
+from search.devices.target import TargetSpec
+
+
+def to_relax(model: nn.Module, example: Any) -> Any:
+    """torch.export -> Relax IRModule with the weights bound as constants (folded at compile).
+    `example`: a tensor or a tuple of every input (batch 1)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    inputs = example if isinstance(example, tuple) else (example,)
+    try:
+        ep = torch.export.export(model.eval(), inputs)
+        return from_exported_program(ep, keep_params_as_input=False,
+                                     unwrap_unit_return_tuple=True)
+    except Exception as exc:  # noqa: BLE001 - every export/import failure is reported the same
+        raise TrialFailed(f"model does not export to TVM: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled candidate and how much of it runs tuned kernels."""
+
+    executable: Any  # tvm.relax.VMExecutable
+    tasks: int  # tunable kernels in the graph
+    tuned: int  # of which have a tuning record
+    new_tasks: int  # tuned during this compile (not found in the database)
+    tuning_s: float
+    int8_kernels: int = 0  # integer matmuls in the graph (int8 layers the lowering matched)
+    weights: WeightBytes = WeightBytes(0)  # the constants the library carries, as it reads them
+
+    @property
+    def fully_tuned(self) -> bool:
+        return self.tuned == self.tasks
+
+
+def _fused(mod: Any, target: Any) -> Any:
+    """The fused-TIR form MetaSchedule extracts tasks from (same passes as compile_relax)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    with target:
+        return tvm.transform.Sequential([
+            *pipeline.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ])(mod)
+
+
+class Compiler:
+    """Compiles Relax modules for one target, tuning new workloads into its database."""
+
+    def __init__(self, target: TargetSpec, db_dir: Path, trials_per_task: int,
+                 log_dir: Path | None = None, seed: int = 0,
+                 budget_s: float | None = None) -> None:
+        light_tensor_intrinsics()
+        from search.backend.int8 import enable_vnni
+
+        enable_vnni()  # TVM 0.27's VNNI intrinsic fails to build as shipped (search.backend.int8)
+
+        self.spec = target
+        self.device = target.device()
+        self.target = target.tvm()
+        self.trials_per_task = trials_per_task
+        self.budget_s = budget_s
+        self.seed = seed
+        db_dir.mkdir(parents=True, exist_ok=True)
+        self.db_dir = db_dir
+        self.log_dir = log_dir or db_dir / "logs"
+        self.database = self._open_database()
+        self.tuning_s_total = 0.0
+        self.tasks_tuned_total = 0
+        self._builder: Any = None
+        self._runner: Any = None
+
+    def _open_database(self) -> Any:
+        """The target's tuning records as on disk now (other workers may have added some)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.database.JSONDatabase(
+            path_workload=str(self.db_dir / "workloads.json"),
+            path_tuning_record=str(self.db_dir / "records.json"))
+
+    def _workers(self) -> tuple[Any, Any]:
+        """Builder and runner, created once: each spawns a process that imports TVM (~3 s)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        if self._builder is None:
+            m = self.spec.measurement
+            evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                  min_repeat_ms=min(m.min_repeat_ms, 20),
+                                                  enable_cpu_cache_flush=False)
+            self._builder = _persistent_builder(self.device.cross_compiler)
+            if self.device.local:
+                self._runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator,
+                                                     f_alloc_argument=valid_arguments)
+            else:  # candidates are timed on the device, through the tracker's queue
+                host, port = self.device.tracker.rsplit(":", 1)
+                self._runner = ms.runner.RPCRunner(
+                    rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
+                                                   tracker_key=self.device.key,
+                                                   session_timeout_sec=120),
+                    evaluator_config=evaluator, max_workers=1,
+                    f_alloc_argument=valid_arguments)
+        return self._builder, self._runner
+
+    @property
+    def can_tune(self) -> bool:
+        """Tuning is on, the run's tuning budget is not spent, and candidates can be timed:
+        MetaSchedule times on a device only through a tracker (its RPCRunner needs one)."""
+        within_budget = self.budget_s is None or self.tuning_s_total < self.budget_s
+        return (self.trials_per_task > 0 and within_budget
+                and (self.device.local or bool(self.device.tracker)))
+
+    def _has_record(self, task: Any) -> bool:
+        mod = task.dispatched[0]
+        return self.database.query_tuning_record(mod, self.target, task.task_name) is not None
+
+    def _tune(self, tasks: list[Any], progress: Any | None) -> None:
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+        n = self.trials_per_task
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        ms_logger.setLevel(logging.WARNING)
+        for handler in list(ms_logger.handlers):
+            # NOTE: MetaSchedule rebuilds its logging config from its handlers' names for each
+            # new log folder and crashes on an unnamed one (a host process's: pytest adds one)
+            if handler.get_name() is None:
+                ms_logger.removeHandler(handler)
+        strategy = ms.search_strategy.EvolutionarySearch(
+            population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
+        contexts, weights = extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(self.log_dir), strategy=strategy, seed=self.seed)
+        builder, runner = self._workers()
+        callbacks = list(ms.MeasureCallback.create("default"))
+        if progress is not None:
+            callbacks.append(_progress_callback(progress))
+        ms.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(self.log_dir),
+            # NOTE: the budget is n per kernel on average; MetaSchedule's gradient scheduler
+            # moves trials to the kernels that dominate latency (up to 4n each)
+            max_trials_global=n * len(tasks), max_trials_per_task=4 * n, num_trials_per_iter=n,
+            builder=builder, runner=runner, database=self.database,
+            measure_callbacks=callbacks,
+        )
+
+    def weight_bytes(self, mod: Any) -> WeightBytes:
+        """What the library of `mod` would carry, without tuning or building it (a candidate
+        whose latency is predicted still reports the artifact's size)."""
+        from search.backend.int8 import lower_int8
+
+        return module_weight_bytes(_fused(lower_int8(mod, target=self.target), self.target))
+
+    def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
+        """Tune the module's new workloads (if tuning is on), then build with the database.
+        Holds the database's lock throughout: parallel workers share it."""
+        from search.devices.lock import file_lock
+
+        with file_lock(self.db_dir / ".lock"):
+            return self._compile(mod, progress)
+
+    def _compile(self, mod: Any, progress: Any | None) -> Compiled:
+        from tvm.s_tir import meta_schedule as ms
+
+        from search.backend.int8 import int8_kernels, lower_int8
+
+        try:
+            self.database = self._open_database()  # records tuned by parallel workers too
+            mod = lower_int8(mod, target=self.target)  # Int8Linear -> int8 x int8 kernels
+            int8_count = len(int8_kernels(mod))
+            fused = _fused(mod, self.target)  # (the build fuses the same way: same constants)
+            weights = module_weight_bytes(fused)
+            tasks = ms.relax_integration.extract_tasks(fused, self.target)
+            # single-trial tasks (reshapes) have nothing to tune but still get a record
+            missing = [t for t in tasks if not self._has_record(t)]
+            start = time.perf_counter()
+            tune_now = bool(missing) and self.can_tune
+            if tune_now:
+                if progress is not None:
+                    progress.reset(total=len(missing) * self.trials_per_task)
+                    progress.set_description(f"tuning {len(missing)} new kernels")
+                self._tune(missing, progress)
+            tuning_s = time.perf_counter() - start
+            tuned = sum(self._has_record(t) for t in tasks)
+            ex = ms.relax_integration.compile_relax(self.database, mod, self.target, None)
+        except TrialFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compile error fails the trial, not the study
+            if raised_by_us(exc):
+                raise  # a bug in our passes (say, a visitor's AttributeError): not a trial's fault
+            msg = str(exc).strip().splitlines()
+            raise TrialFailed(f"TVM compile failed: {type(exc).__name__}: "
+                              f"{msg[-1] if msg else ''}") from exc
+        self.tuning_s_total += tuning_s
+        new = len(missing) if tune_now else 0
+        self.tasks_tuned_total += new
+        return Compiled(ex, len(tasks), tuned, new, tuning_s, int8_count, weights)
+
+
+def raised_by_us(exc: BaseException) -> bool:
+    """Whether the innermost frame of an exception is this package's code (a bug to surface),
+    rather than TVM's (a compile error of the candidate)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = str(Path(__file__).resolve().parents[1])
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
+
+
+def _progress_callback(bar: Any) -> Any:
+    """A MetaSchedule measure callback that advances a tqdm bar per measured candidate."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                  builder_results: Any, runner_results: Any) -> None:
+            bar.update(len(runner_results))
+
+    return _Progress()
+
+
+def _export_shared(cross_compiler: str | None) -> Any:
+    """Builder export: a shared library, cross-compiled for a device (the device needs no gcc)."""
+
+    def export(mod: Any) -> str:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        if cross_compiler:
+            mod.export_library(path, cc=cross_compiler)
+        else:
+            mod.export_library(path)
+        return path
+
+    return export
+
+
+def _persistent_builder(cross_compiler: str | None, recycle_after: int = 25,
+                        build_timeout_s: float = 30) -> Any:
+    """MetaSchedule's LocalBuilder, but its worker process is kept between batches.
+
+    NOTE: LocalBuilder starts a new process per batch (against a worker memory leak); that costs
+    ~3 s of Python + TVM import per tuned kernel here, more than building the candidates. We keep
+    one worker and recycle it every `recycle_after` batches instead. A candidate whose build
+    takes over `build_timeout_s` (heavily unrolled code: LLVM can take minutes) is dropped, so
+    it never becomes the record every later compile pays for.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    export = _export_shared(cross_compiler)
+
+    @derived_object
+    class _Builder(PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool: Any = None
+            self.uses = 0
+
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            if self.pool is None or self.uses >= recycle_after:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                self.pool = PopenPoolExecutor(max_workers=1, timeout=build_timeout_s,
+                                              initializer=light_tensor_intrinsics)
+                self.uses = 0
+            self.uses += 1
+            args = [(None, export, b.mod, b.target, lb._serialize_params(b.params))
+                    for b in build_inputs]
+            results = []
+            for r in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(r.value, None))
+                else:
+                    results.append(BuilderResult(None, f"build failed: {r.status}: {r.value}"))
+            return results
+
+    return _Builder()

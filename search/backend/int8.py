@@ -1,0 +1,291 @@
+"""Real int8 Linear layers: calibrated activations, int8 x int8 -> int32 kernels in TVM.
+
+Pipeline: `calibrate` (post-training: a few batches through torch.ao observers) ->
+`quantize_linears` (nn.Linear -> Int8Linear, whose torch forward is the exact reference of the
+kernel) -> `to_relax` -> `lower_int8` (rewrites what the frontend makes of Int8Linear into int8
+kernels) -> tuning.
+
+What the frontend makes of Int8Linear: `astype(uint8) -> astype(int32)`, the int8 weight
+`astype(int32) -> permute_dims`, and `matmul(int32, int32, out_dtype="float32")`, i.e. an fp32
+matmul on widened operands (no int8 kernel, 4x the weight bytes). `lower_int8` replaces that with
+one of two int8 forms:
+
+- "vnni" (x86 with AVX512-VNNI / AVX-VNNI): uint8 activation x int8 weight pre-packed to
+  (N/16, K/4, 16, 4), int32 accumulation, as a TE kernel whose inner 16x4 block MetaSchedule's
+  default x86 "vnni" rules tensorize with `dot_16x4_vnni` (vpdpbusd).
+  NOTE: TVM 0.27.0's own `dot_16x4_vnni` emits the pre-LLVM-20 signature of
+  `llvm.x86.avx512.vpdpbusd.512` (<16 x i32> operands) and its bundled LLVM 22 rejects the
+  module ("Call parameter type does not match function signature"), so every tensorized
+  candidate fails and tuning silently keeps untensorized ones. `enable_vnni()` re-registers the
+  intrinsic with <64 x i8> operands; call it once in the tuning/compiling process.
+- "plain" (any other target): `R.matmul(uint8, int8ᵀ, out_dtype="int32")`. No dot-product
+  instruction, but a quarter of the weight bytes, which is what a batch-1 Linear is bound by.
+
+Arm: TVM's "dotprod" rules (Cortex-A76 with +dotprod, e.g. the Pi 5) tensorize int8 x int8 with
+`dot_4x4_i8i8s32_sdot` on a (N/4, K/4, 4, 4) layout; the Pi 4's A72 gets the "asimd" rules
+(`dot_4x4_i8i8s32_neon`, no dot-product instruction). This module does not emit that layout yet:
+on Arm `lower_int8` uses "plain" (see `int8_kind`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def int8_kind(target: Any) -> str:
+    """Which int8 kernel form suits the target: "vnni" (x86 with AVX512-VNNI or AVX-VNNI, the same
+    test MetaSchedule uses to pick its "vnni" schedule rules) or "plain"."""
+    import tvm
+
+    if target is None:
+        return "plain"
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return "plain"
+    has = tvm.get_global_func("target.target_has_feature")
+    if has("avx512vnni", target) or has("avxvnni", target):
+        return "vnni"
+    return "plain"
+
+
+def enable_vnni() -> None:
+    """Register a `dot_16x4_vnni` tensor intrinsic that TVM 0.27's LLVM accepts (idempotent).
+
+    Call in the process that tunes and compiles (MetaSchedule tensorizes there; the builder only
+    compiles the already-tensorized TIR), before the first tuning. Registers the CPU intrinsics
+    first (search.backend.intrinsics.light_tensor_intrinsics): the stock one must exist to be
+    overridden.
+    """
+    global _VNNI_FIXED
+    if _VNNI_FIXED:
+        return
+    import tvm
+    from tvm.s_tir import TensorIntrin
+
+    from search.backend.intrinsics import light_tensor_intrinsics
+
+    light_tensor_intrinsics()
+    from tvm.s_tir.tensor_intrin import x86
+
+    if tvm.target.codegen.llvm_version_major() >= 20:
+        TensorIntrin.register(x86.VNNI_DOT_16x4_INTRIN, x86.dot_product_16x4_u8i8i32_desc,
+                              _vnni_impl(), override=True)
+    _VNNI_FIXED = True
+
+
+_VNNI_FIXED = False
+
+
+def _vnni_impl() -> Any:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), a_u8x64, B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    return impl
+
+
+def lower_int8(mod: Any, target: Any = None, kind: str | None = None) -> Any:
+    """Rewrite the frontend's form of each Int8Linear into an int8 x int8 -> int32 kernel.
+
+    `kind` ("vnni" or "plain") defaults to `int8_kind(target)`. Matmuls that are not an
+    Int8Linear's (no uint8/int8 activation, no int8-valued constant weight) are left alone.
+    Returns a new IRModule (dead widened-weight constants removed).
+    """
+    from tvm import relax
+
+    kind = kind or int8_kind(target)
+    if kind not in ("vnni", "plain"):
+        raise ValueError(f"unknown int8 kernel kind {kind!r}")
+    mod = _Int8Rewriter(mod, kind).transform()
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _make_rewriter() -> type:
+    import tvm
+    from tvm import relax, te
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    matmul_op = relax.op.matmul(relax.Var("a", relax.TensorType((1, 1), "int32")),
+                                relax.Var("b", relax.TensorType((1, 1), "int32"))).op
+    astype_op = relax.op.astype(relax.Var("a", relax.TensorType((1,), "int8")), "int32").op
+    permute_op = relax.op.permute_dims(relax.Var("a", relax.TensorType((1, 1), "int8"))).op
+    reshape_op = relax.op.reshape(relax.Var("a", relax.TensorType((1, 1), "int8")), (1,)).op
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def __init__(self, mod: Any, kind: str) -> None:
+            super().__init__(mod)
+            self.mod_, self.kind = mod, kind
+
+        def transform(self) -> Any:
+            for gv, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+        def _value(self, expr: Any) -> Any:
+            while isinstance(expr, relax.Var):
+                bound = self.lookup_binding(expr)
+                if bound is None:
+                    break
+                expr = bound
+            return expr
+
+        def _activation(self, expr: Any) -> Any:
+            """x if expr is astype(x: uint8, "int32"), or a reshape of one (the frontend
+            flattens a 3-D or higher activation to 2-D before the matmul): then the uint8
+            tensor reshaped; else None."""
+            v = self._value(expr)
+            if isinstance(v, relax.Call) and v.op == astype_op:
+                src = v.args[0]
+                if src.ty.dtype == "uint8":
+                    return src
+            if isinstance(v, relax.Call) and v.op == reshape_op:
+                src = self._activation(v.args[0])
+                if src is not None:
+                    return self.builder_.emit(relax.op.reshape(src, v.args[1]))
+            return None
+
+        def _weight(self, expr: Any) -> np.ndarray | None:
+            """The (N, K) int8 weight if expr is permute_dims(astype(const int8)) or an int-valued
+            (K, N) constant in int8 range, else None."""
+            v = self._value(expr)
+            if isinstance(v, relax.Call) and v.op == permute_op:
+                axes = v.attrs.axes
+                if axes is not None and [int(a) for a in axes] != [1, 0]:
+                    return None
+                inner = self._value(v.args[0])
+                if isinstance(inner, relax.Call) and inner.op == astype_op:
+                    inner = self._value(inner.args[0])
+                if isinstance(inner, tvm.ir.expr.Constant) and inner.value.numpy().ndim == 2:
+                    w = inner.value.numpy()
+                    return w.astype(np.int8) if _int8_valued(w) else None
+                return None
+            if isinstance(v, tvm.ir.expr.Constant):
+                w = v.value.numpy()
+                if w.ndim == 2 and _int8_valued(w):
+                    return np.ascontiguousarray(w.T).astype(np.int8)
+            return None
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op != matmul_op:
+                return call
+            x = self._activation(call.args[0])
+            w = self._weight(call.args[1]) if x is not None else None
+            shape = _static_shape(x) if x is not None else None
+            if w is None or not shape:
+                return call
+            n, k = w.shape
+            if shape[-1] != k:
+                return call
+            if self.kind == "vnni" and k % 4 == 0:
+                acc = self._vnni(x, w, shape)
+            else:
+                acc = self.builder_.emit(relax.op.matmul(
+                    x, relax.const(np.ascontiguousarray(w.T), "int8"), out_dtype="int32"))
+            return relax.op.astype(acc, call.ty.dtype)
+
+        def _vnni(self, x: Any, w: np.ndarray, shape: list[int]) -> Any:
+            n, k = w.shape
+            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            n16 = -(-n // 16) * 16
+            wp = np.zeros((n16, k), np.int8)
+            wp[:n] = w
+            packed = np.ascontiguousarray(
+                wp.reshape(n16 // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
+            bb = self.builder_
+            x3 = bb.emit(relax.op.reshape(x, (m, k // 4, 4)))
+
+            def dense_vnni(a: Any, b: Any) -> Any:
+                ko = te.reduce_axis((0, k // 4), "ko")
+                ki = te.reduce_axis((0, 4), "ki")
+                return te.compute(
+                    (m, n16 // 16, 16),
+                    lambda i, jo, ji: te.sum(a[i, ko, ki].astype("int32")
+                                             * b[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+                    name="dense_u8i8i32")
+
+            acc = bb.emit_te(dense_vnni, x3, relax.const(packed, "int8"),
+                             primfunc_name_hint="dense_u8i8i32")
+            acc = bb.emit(relax.op.reshape(acc, (m, n16)))
+            if n16 != n:
+                acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+            return bb.emit(relax.op.reshape(acc, (*shape[:-1], n)))
+
+    return Rewriter
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", None)
+    try:
+        return [int(v) for v in values] if values is not None else None
+    except TypeError:  # a symbolic dimension
+        return None
+
+
+def _int8_valued(w: np.ndarray) -> bool:
+    if w.dtype == np.int8:
+        return True
+    if not np.issubdtype(w.dtype, np.integer):
+        return False
+    return bool(w.size) and int(w.min()) >= -128 and int(w.max()) <= 127
+
+
+class _LazyRewriter:
+    cls: type | None = None
+
+    def __call__(self, mod: Any, kind: str) -> Any:
+        if self.cls is None:
+            self.cls = _make_rewriter()
+        return self.cls(mod, kind)
+
+
+def int8_kernels(mod: Any) -> list[tuple[str, list[str]]]:
+    """(op or PrimFunc name, input dtypes) of each integer matmul in the module's Relax functions:
+    what a test or a report inspects to see that the graph really runs int8."""
+    from tvm import relax
+
+    found: list[tuple[str, list[str]]] = []
+
+    def visit(expr: Any) -> None:
+        if not isinstance(expr, relax.Call):
+            return
+        if isinstance(expr.op, tvm_ir_op()) and expr.op.name == "relax.matmul":
+            dts = [a.ty.dtype for a in expr.args]
+            if all(d in ("int8", "uint8") for d in dts):
+                found.append(("relax.matmul", dts))
+        elif isinstance(expr.op, tvm_ir_op()) and expr.op.name == "relax.call_tir":
+            gv, args = expr.args[0], expr.args[1]
+            dts = [a.ty.dtype for a in args.fields]
+            if len(dts) >= 2 and all(d in ("int8", "uint8") for d in dts[:2]):
+                found.append((gv.name_hint, dts))
+
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def tvm_ir_op() -> type:
+    import tvm
+
+    return tvm.ir.Op
+
+
+_Int8Rewriter = _LazyRewriter()

@@ -1,0 +1,279 @@
+"""One search run, end to end, in a run folder: check inputs, search, write the front."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm import tqdm
+
+from search.backend.compile import Compiler
+from search.core.errors import SearchFailed, UserError
+from search.core.task import PYTHON_TASK, Task, load_task, resolve_entry_point
+from search.devices.target import TargetSpec
+from search.report.front import write_front
+from search.study.config import SearchConfig
+from search.study.loop import measure_front, prepare_study, work
+from search.study.runfolder import RunInfo, setup_threads, tuning_dir
+from search.study.storage import (
+    STUDY_NAME,
+    failed_for_real,
+    finished_count,
+    open_storage,
+    open_study,
+    redact,
+)
+
+MIN_FREE_BYTES = 1 << 30  # a run keeps the fine-tuned weights of its trials until the front
+
+
+def check_out_dir(run_dir: Path, resume: bool, own_storage: bool = True,
+                  min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Fail before any work if the folder would lose a study, cannot be written, or has no
+    room for the trials' weights."""
+    if resume:
+        if not (run_dir / "run.yaml").exists() or (own_storage and
+                                                    not (run_dir / "study.db").exists()):
+            raise UserError(f"nothing to resume in {str(run_dir)!r} (no run.yaml/study.db); "
+                            f"drop --resume to start a new run there")
+    elif (run_dir / "study.db").exists() or (run_dir / "run.yaml").exists():
+        raise UserError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it, "
+                        f"or --out NEW_FOLDER for a new run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run folder {str(run_dir)!r}: {exc.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise UserError(f"only {free / 2**20:,.0f} MiB free in {str(run_dir)!r}; a run needs "
+                        f"{min_free_bytes / 2**20:,.0f} MiB for its trials' weights: free "
+                        f"space or pass --out on another disk")
+
+
+def check_storage(url: str) -> None:
+    """An Optuna RDB URL that cannot be reached is a one-line error before any work."""
+    try:
+        open_storage(url)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"storage {redact(url)}: its database driver is not installed "
+                        f"({exc.name}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors are many; all mean the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open the study storage {redact(url)}: {first}") from None
+
+
+def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: Path,
+            resume: bool, device: dict[str, str | None] | None = None,
+            storage: str | None = None, study: str | None = None
+            ) -> tuple[TargetSpec, RunInfo]:
+    """All the checks that need no work: a bad input stops here with one line."""
+    config.check("settings")  # again: flags and the Python API set fields after loading
+    info = RunInfo(target_name, budget_ms, config, device or {}, storage,
+                   study or (run_dir.name if storage else STUDY_NAME))
+    target = info.load_target()
+    target.check()  # a device target: the device answers, before anything is trained
+    if not config.task.startswith(PYTHON_TASK):
+        resolve_entry_point(config.task)
+    check_out_dir(run_dir, resume, own_storage=storage is None)
+    if storage:
+        check_storage(storage)
+    info.save(run_dir)
+    return target, info
+
+
+def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path) -> Compiler:
+    return Compiler(target, tuning_dir(target), config.tune_trials_per_task,
+                    log_dir=run_dir / "tuning-logs", seed=config.seed,
+                    budget_s=config.tuning_budget_s)
+
+
+def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
+               show_progress: bool = True, workers: int = 1, task: Task | None = None
+               ) -> dict[str, Any]:
+    """Run (or resume) the study, in this process or in `workers` worker processes sharing
+    its storage, then write and return the front. `task`: a Task object (search.api);
+    otherwise the config's entry point builds it."""
+    setup_threads(target)
+    config = info.config
+    say = print if show_progress else (lambda *a, **k: None)
+    start = time.perf_counter()
+    say(f"task {config.task}: loading (the default model trains once, then is cached) ...")
+    task = task if task is not None else load_task(config.task, **config.task_args)
+    say(f"task {task.name} ready in {time.perf_counter() - start:.0f} s; tuning database "
+        f"{tuning_dir(target)}")
+    url = info.url(run_dir)
+    with tqdm(total=0, desc="sensitivity", unit="case", leave=False,
+              disable=not show_progress, dynamic_ncols=True) as bar:
+        study, space = prepare_study(run_dir, task, config, url, info.study, resume,
+                                     info.to_dict(), own_storage=info.storage is None,
+                                     say=say, progress=bar)
+    trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,
+                      disable=not show_progress, dynamic_ncols=True)
+    trials_bar.update(min(finished_count(study), config.trials))
+    bad_workers: list[int] = []
+    try:
+        if workers > 1:
+            bad_workers = run_workers(run_dir, info, workers, trials_bar, study)
+        else:
+            tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
+                            disable=not show_progress, dynamic_ncols=True)
+            try:
+                work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
+                     info.budget_ms, config, on_trial=progress_callback(trials_bar, info),
+                     progress=tune_bar)
+            finally:
+                tune_bar.close()
+    finally:
+        trials_bar.close()
+    latency_table = None
+    if config.latency == "predicted":  # the front's predicted points, compiled and timed whole
+        say("measuring the front's points whole (their latency was predicted) ...")
+        latency_table = measure_front(study, run_dir, task, target,
+                                      make_compiler(target, config, run_dir), info.budget_ms)
+    data = write_front(run_dir, study, info.budget_ms, target.name)
+    if latency_table is not None:
+        data["latency_table"] = latency_table
+    failure = why_no_result(study)
+    # (the reference times the uncompressed model: pointless, and may fail, if it did)
+    data["reference"] = reference_latency(task, target) if data["baseline"] else None
+    data["tuning"] = tuning_summary(study, config, tuning_dir(target))
+    data["workers"] = workers
+    data["wall_s"] = round(time.perf_counter() - start, 1)
+    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
+    if failure:  # raised after the front is written: whatever finished is kept
+        raise SearchFailed(f"{failure}; the trials are in {run_dir / 'front.json'}")
+    if bad_workers:
+        raise SearchFailed(f"worker(s) {bad_workers} stopped with an error (see "
+                           f"{run_dir / 'worker-logs'}); the front of the trials that "
+                           f"finished is in {run_dir / 'front.json'}")
+    return data
+
+
+def why_no_result(study: optuna.Study) -> str | None:
+    """Why a finished study has nothing to pick from, in one line, or None if it has:
+    the uncompressed baseline failed, or every compressed candidate did."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state in done or failed_for_real(t)]
+    base = [t for t in trials if t.user_attrs.get("uncompressed")]
+    if base and not any(t.state == optuna.trial.TrialState.COMPLETE for t in base):
+        return (f"the uncompressed model (trial {base[0].number}) failed, so there is no "
+                f"baseline: {base[0].user_attrs.get('fail_reason', '?')}")
+    compressed = [t for t in trials if not t.user_attrs.get("uncompressed")]
+    if compressed and all(t.state == optuna.trial.TrialState.FAIL for t in compressed):
+        reasons = Counter(t.user_attrs["fail_reason"] for t in compressed)
+        reason, n = reasons.most_common(1)[0]
+        return (f"every candidate failed ({len(compressed)} compressed trials); the most "
+                f"common reason ({n} of them): {reason}")
+    return None
+
+
+def progress_callback(bar: tqdm, info: RunInfo
+                      ) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Advance the trials bar and show the best point within the budget so far."""
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        best = [t for t in study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.COMPLETE,))
+                if t.user_attrs["latency_ms"] <= info.budget_ms]
+        if best:
+            top = max(best, key=lambda t: (t.values[0], -t.user_attrs["latency_ms"]))
+            bar.set_postfix_str(
+                f"best within budget: #{top.number} val {100 * top.values[0]:.1f}% "
+                f"{top.user_attrs['latency_ms']:.2f} ms")
+
+    return on_trial
+
+
+def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
+                study: optuna.Study) -> list[int]:
+    """`workers` processes (`search worker`) on this machine, on the run's storage; this one
+    watches the study. A worker that fails does not stop the others; returns the ids of those
+    that failed (the run then ends non-zero, after its front is written)."""
+    url = info.url(run_dir)
+    log_dir = run_dir / "worker-logs"
+    log_dir.mkdir(exist_ok=True)
+    procs = []
+    for i in range(workers):
+        log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed below
+        cmd = [sys.executable, "-m", "search", "worker", info.study, "--storage", url,
+               "--out", str(run_dir), "--worker-id", str(i)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(2)
+            bar.n = min(finished_count(study), bar.total)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            p.send_signal(signal.SIGINT)
+        for p, _ in procs:
+            p.wait(timeout=60)
+        raise
+    finally:
+        for _, log in procs:
+            log.close()
+    return [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, None)]
+
+
+def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
+               device: dict[str, str | None] | None = None) -> int:
+    """Join a study from its storage alone (its user attrs hold the run's settings) and run
+    trials until it has enough. Returns how many trials this worker finished."""
+    check_storage(url)
+    probe = open_study(url, study_name, 0, 1, create=False)
+    run = probe.user_attrs.get("run")
+    if not run:
+        raise UserError(f"study {study_name!r} was not made by `search run` (no run settings)")
+    info = RunInfo.from_dict(run)
+    if device:
+        info = dataclasses.replace(info, device={**info.device, **device})
+    target = info.load_target()
+    target.check()
+    setup_threads(target)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "run.yaml").exists():
+        info.save(run_dir)
+    config = dataclasses.replace(info.config, seed=info.config.seed + worker_id)
+    task = load_task(config.task, **config.task_args)
+    study, space = prepare_study(run_dir, task, config, url, study_name, resume=True,
+                                 run_info=run, own_storage=False)
+    before = finished_count(study)
+    work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
+         info.budget_ms, config)
+    return finished_count(study) - before
+
+
+def tuning_summary(study: optuna.Study, config: SearchConfig, db_dir: Path) -> dict[str, Any]:
+    """Tuning done for this run, summed over its trials (whichever worker ran them)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return {"seconds": round(sum(t.user_attrs.get("tuning_s", 0.0) for t in done), 1),
+            "kernels_tuned": sum(t.user_attrs.get("new_kernels", 0) for t in done),
+            "trials_per_kernel": config.tune_trials_per_task, "database": str(db_dir)}
+
+
+def reference_latency(task: Task, target: TargetSpec) -> dict[str, Any] | None:
+    """The uncompressed model under ONNX Runtime fp32: how good our compiled latency is."""
+    from search.backend.onnx import ort_session_bytes, time_onnxruntime
+    from search.backend.provenance import Provenance
+
+    if target.reach != "local":
+        return None
+    ms = time_onnxruntime(ort_session_bytes(task.model, task.example), task.example,
+                          target.measurement)
+    return {"uncompressed_onnxruntime_fp32_ms": ms,
+            "source": Provenance("measured", target.name, "onnxruntime-cpu-1-thread").to_dict()}

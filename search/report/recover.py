@@ -1,0 +1,85 @@
+"""A long fine-tune of one chosen front point before deployment.
+
+The search fine-tunes every candidate briefly: enough to rank them, not to recover all the
+accuracy a compressed model can. Once a user has picked a point, more distillation steps from the
+uncompressed model are cheap (one model, not a study). They continue from the point's own
+fine-tuned weights (kept as `trainable.pt` for front points), with the same training transforms
+(masks, QAT quantizers), then the policy's precision is applied again. Test accuracy is
+reported before and after; `export` then writes the fine-tuned model (`finetuned.pt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.compress.build import apply_precision, restructure
+from search.compress.policy import Policy
+from search.core.data import evaluate
+from search.core.errors import UserError
+from search.core.task import Task
+from search.finetune.distill import Teacher, attach_training_transforms, distill
+from search.study.config import SearchConfig
+from search.study.evaluate import TRAINABLE
+
+FINETUNED = "finetuned.pt"  # the deployed model after the long fine-tune (export prefers it)
+FINETUNED_INFO = "finetuned.json"
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """What a long fine-tune of one trial did."""
+
+    trial: int
+    steps: int  # extra steps, on top of the search's own fine-tune
+    test_before: float
+    test_after: float
+    val_before: float
+    val_after: float
+    seconds: float
+    weights: str  # the deployed state_dict written
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def finetune_trial(run_dir: Path, trial: int, steps: int, task: Task,
+                   config: SearchConfig) -> tuple[Finetuned, nn.Module]:
+    """`steps` more distillation steps for a trial, from its fine-tuned weights."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    trial_dir = run_dir / "trials" / f"{trial:04d}"
+    if not (trial_dir / "policy.yaml").exists():
+        raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
+                        f"pick one from `search front {run_dir}`")
+    policy = Policy.load(trial_dir / "policy.yaml")
+    if all(lp.is_identity for lp in policy.layers.values()):
+        raise UserError(f"trial {trial} is the uncompressed model: there is nothing to recover")
+    if not (trial_dir / TRAINABLE).exists():
+        raise UserError(f"trial {trial} kept no fine-tuned weights (it is off the front, or "
+                        f"failed); pick a trial from `search front {run_dir}`")
+    result = json.loads((trial_dir / "result.json").read_text())
+    start = time.perf_counter()
+    options = dataclasses.replace(config.finetune_options(), steps=steps)
+    model = restructure(task.model, policy, task.example, task.train, task.loss)
+    penalized = attach_training_transforms(model, policy, options)  # as the search did
+    model.load_state_dict(torch.load(trial_dir / TRAINABLE, weights_only=True))
+    # NOTE: a new seed, so the extra steps see other batches than the search's first ones
+    distill(model, Teacher(task.model, task.train), task.train, options, task.loss,
+            seed=config.seed + 1, penalized=penalized)
+    deployed = apply_precision(model, policy, task.train)
+    test_after = evaluate(deployed, task.test, task.metric)
+    val_after = evaluate(deployed, task.val, task.metric)
+    torch.save(deployed.state_dict(), trial_dir / FINETUNED)
+    done = Finetuned(trial, steps, float(result["test_accuracy"]), test_after,
+                     float(result["val_accuracy"]), val_after,
+                     round(time.perf_counter() - start, 1), str(trial_dir / FINETUNED))
+    (trial_dir / FINETUNED_INFO).write_text(json.dumps(done.to_dict(), indent=1))
+    return done, deployed.eval()

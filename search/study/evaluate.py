@@ -1,0 +1,117 @@
+"""One candidate, start to end: build the policy's model, fine-tune it, score it, compile it
+and time it, into a TrialResult (an expected failure is TrialFailed, recorded by the study)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.backend.compile import Compiler, to_relax
+from search.backend.latency_table import LatencyTable, deployed_form
+from search.backend.measure import Latency, compile_and_time
+from search.backend.provenance import Provenance
+from search.compress.build import apply_precision, output_tolerance, restructure
+from search.compress.policy import Policy
+from search.compress.size import ModelStats, model_stats
+from search.core.data import evaluate
+from search.core.task import Task
+from search.devices.target import TargetSpec
+from search.finetune.distill import Teacher, attach_training_transforms, distill
+from search.study.config import SearchConfig
+from search.study.early_stop import Hopeless, checkpoints
+
+TRAINABLE = "trainable.pt"  # a trial's fine-tuned fp32 weights, before precision is applied
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What one candidate measured, and how."""
+
+    val_accuracy: float  # chose: the study's objective
+    test_accuracy: float  # reports: the front's figure (data that chose nothing)
+    latency: Latency
+    latency_source: Provenance  # how the latency was made
+    stats: ModelStats  # params, FLOPs, and the ideal size (an estimate)
+    size_bytes: int  # the weight bytes of the compiled artifact, measured from it
+    weight_dtypes: dict[str, int]  # those bytes by dtype (what the graph really reads)
+    finetune_s: float
+    compile_s: float
+    tuning_s: float
+    kernels: int  # tunable kernels in the compiled graph
+    new_kernels: int  # of which were tuned for this trial (the rest came from the database)
+
+
+class Evaluator:
+    """A policy -> a measured candidate: build, fine-tune, quantize, compile, check, time."""
+
+    def __init__(self, task: Task, target: TargetSpec, compiler: Compiler,
+                 config: SearchConfig) -> None:
+        self.task = task
+        self.target = target
+        self.compiler = compiler
+        self.config = config
+        self.teacher = Teacher(task.model, task.train)
+        # predicted latency while searching: a per-layer table next to the tuning database
+        self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
+            else None
+        # the last candidate's fine-tuned weights before precision is applied (fp32, training
+        # transforms attached): what `search finetune` continues from
+        self.trainable: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, policy: Policy, progress: Any | None = None,
+                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
+                 ) -> tuple[TrialResult, nn.Module]:
+        """`curve` collects the validation accuracy at the fine-tune's checkpoints; with
+        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly."""
+        task = self.task
+        model = restructure(task.model, policy, task.example, task.train, task.loss)
+        identity = all(lp.is_identity for lp in policy.layers.values())
+        predicted, known, table_s = None, None, 0.0
+        if self.table is not None:  # latency and size are known before the fine-tune
+            start = time.perf_counter()
+            shape = deployed_form(model, policy, task.train)
+            self.table.measure_missing(shape, task.example, self.compiler, self.target,
+                                       progress=progress)
+            predicted = self.table.predict(shape, task.example, family=task.name)
+            known = self.compiler.weight_bytes(to_relax(shape, task.example))
+            table_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if not identity:
+            options = self.config.finetune_options()
+            penalized = attach_training_transforms(model, policy, options)
+            on_step = None
+            if curve is not None and hopeless is not None and predicted is not None:
+                on_step = hopeless.on_step(model, task.val, task.metric, options.steps,
+                                           predicted.ms, known.total, curve)
+            elif curve is not None:
+                on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
+            distill(model, self.teacher, task.train, options, task.loss, seed=self.config.seed,
+                    penalized=penalized, on_step=on_step)
+            self.trainable = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.trainable = None
+        model = apply_precision(model, policy, task.train)
+        val_accuracy = evaluate(model, task.val, task.metric)
+        test_accuracy = evaluate(model, task.test, task.metric)
+        finetune_s = time.perf_counter() - start
+        stats = model_stats(model, policy, task.example)
+        if predicted is not None and not identity:  # (the baseline is measured whole below)
+            latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0)
+            return TrialResult(val_accuracy, test_accuracy, latency, predicted.source, stats,
+                               known.total, known.by_dtype, finetune_s, table_s,
+                               0.0, len(predicted.per_layer), 0), model
+
+        timed = compile_and_time(model, task.example, self.compiler, self.target,
+                                 atol=output_tolerance(policy), progress=progress)
+        latency, compiled = timed.latency, timed.compiled
+        if self.table is not None:  # the uncompressed model: a record for the residual
+            self.table.record_whole(model, task.example, latency.median_ms, family=task.name,
+                                    note="uncompressed")
+        return TrialResult(val_accuracy, test_accuracy, latency, timed.source, stats,
+                           compiled.weights.total, compiled.weights.by_dtype, finetune_s,
+                           timed.compile_s,
+                           compiled.tuning_s, compiled.tasks, compiled.new_tasks), model

@@ -1,0 +1,292 @@
+"""The Optuna study: propose a per-layer policy, build it, fine-tune, compile, time, record.
+
+Objectives: maximize accuracy, minimize measured latency, minimize stored size; the latency budget
+is a constraint (`trial.set_constraint`), so infeasible trials still teach the sampler. A trial
+that fails for the candidate's own reason (TrialFailed) is recorded with it (user attr
+`fail_reason`) and the study goes on; anything else raised in a trial is a bug and stops the run
+(InternalError, its traceback in RUN/error.log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from search.backend.compile import Compiler
+from search.backend.latency_table import LatencyTable, error_report, verify_front
+from search.compress.build import (
+    output_tolerance,
+)
+from search.compress.policy import LayerPolicy, Policy
+from search.compress.precision import precision_of
+from search.compress.space import LayerSpace, derive_space, uniform
+from search.core.errors import InternalError, TrialFailed, UserError
+from search.core.task import Task
+from search.devices.target import TargetSpec
+from search.study.config import SearchConfig
+from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
+from search.study.evaluate import TRAINABLE, Evaluator
+from search.study.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
+from search.study.storage import (
+    claimed_count,
+    fail_interrupted,
+    failed_for_real,
+    has_baseline,
+    open_study,
+)
+
+
+def suggest_policy(trial: optuna.Trial, space: list[LayerSpace], knobs: list[str]) -> Policy:
+    """One categorical parameter `<layer>.<knob>` per layer and searched knob; the others stay
+    at their identity value."""
+    layers = {}
+    for ls in space:
+        values = {k: trial.suggest_categorical(f"{ls.name}.{k}", ls.choices(k)) for k in knobs}
+        layers[ls.name] = LayerPolicy(**values)
+    return Policy(layers)
+
+
+def policy_params(policy: Policy, knobs: list[str]) -> dict[str, Any]:
+    return {f"{name}.{k}": getattr(lp, k) for name, lp in policy.layers.items() for k in knobs}
+
+
+def enqueue_seeds(study: optuna.Study, space: list[LayerSpace], config: SearchConfig,
+                  only_baseline: bool = False) -> None:
+    if only_baseline:
+        if config.seeds:
+            enqueue_baseline(study, policy_params(uniform(space, **config.seeds[0]),
+                                                  config.knobs))
+        return
+    for seed in config.seeds[:config.trials]:
+        study.enqueue_trial(policy_params(uniform(space, **seed), config.knobs),
+                            skip_if_exists=True)
+
+
+def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
+    """A resumed run without a finished baseline runs it again, unless it is queued or running,
+    or failed for the candidate's own reason (it would fail again). Not skip_if_exists: that
+    would skip a baseline interrupted or stopped by a bug since fixed."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if any(t.state in waiting and t.system_attrs.get("fixed_params", t.params) == params
+           for t in trials):
+        return
+    if any(t.user_attrs.get("uncompressed") and failed_for_real(t) for t in trials):
+        return
+    study.enqueue_trial(params)
+
+
+def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: float,
+                      run_dir: Path, progress: Any | None) -> Callable[[optuna.Trial], tuple]:
+    knobs = evaluator.config.knobs
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, int]:
+        try:
+            return evaluate_trial(trial)
+        except StoppedEarly as exc:  # Optuna records it PRUNED (see search.study.early_stop)
+            for key, value in stopped_attrs(exc).items():
+                trial.set_user_attr(key, value)
+            trial.set_constraint("latency_budget_ms", exc.latency_ms - budget_ms)
+            raise
+        except TrialFailed as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except UserError as exc:  # bad input found late: it stops the run, in one line
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except Exception as exc:  # a bug, not the candidate's fault: stop the run (see errors)
+            log = save_traceback(run_dir, trial.number, exc)
+            trial.set_user_attr("fail_reason", f"internal error: {type(exc).__name__}: "
+                                               f"{first_line(exc)}")
+            raise InternalError(trial.number, exc, log) from exc
+
+    def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
+        policy = suggest_policy(trial, space, knobs)
+        trial_dir = run_dir / "trials" / f"{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        policy.save(trial_dir / "policy.yaml")
+        trial.set_user_attr("uncompressed", all(lp.is_identity for lp in policy.layers.values()))
+        curve: dict[str, float] = {}
+        hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
+        result, model = evaluator(policy, progress, hopeless, curve)
+        if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
+            torch.save(model.state_dict(), trial_dir / "model.pt")
+            if evaluator.trainable is not None:  # for a longer fine-tune later
+                torch.save(evaluator.trainable, trial_dir / TRAINABLE)
+        attrs = {
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "latency_ms": result.latency.median_ms,
+            "latency_p25_ms": result.latency.p25_ms,
+            "latency_p75_ms": result.latency.p75_ms,
+            "latency_repeats": result.latency.repeats,
+            "latency_source": result.latency_source.to_dict(),
+            "params": result.stats.params,
+            "flops": result.stats.flops,
+            "size_bytes": result.size_bytes,  # measured from the compiled artifact
+            "ideal_size_bytes": result.stats.ideal_size_bytes,  # estimate: formats not written
+            "weight_dtypes": result.weight_dtypes,
+            "finetune_s": round(result.finetune_s, 2),
+            "compile_s": round(result.compile_s, 2),
+            "tuning_s": round(result.tuning_s, 2),
+            "kernels": result.kernels,
+            "new_kernels": result.new_kernels,
+            "precisions": sorted({precision_of(lp) for lp in policy.layers.values()} | {"fp32"}),
+            "software_precisions": evaluator.target.software_precisions(policy),
+            CURVE_ATTR: curve,
+        }
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        (trial_dir / "result.json").write_text(json.dumps(
+            {**attrs, "policy": policy.to_dict()}, indent=1))
+        trial.set_constraint("latency_budget_ms", result.latency.median_ms - budget_ms)
+        return result.val_accuracy, result.latency.median_ms, result.size_bytes
+
+    return objective
+
+
+ERROR_LOG = "error.log"
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def save_traceback(run_dir: Path, trial: int, exc: BaseException) -> Path:
+    """Append the full traceback to RUN/error.log: the one-line message points there."""
+    log = run_dir / ERROR_LOG
+    text = "".join(traceback.format_exception(exc))
+    with open(log, "a") as f:
+        f.write(f"--- trial {trial}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+    return log
+
+
+def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
+                  resume: bool, run_info: dict[str, Any], own_storage: bool,
+                  say: Callable[[str], None] = lambda _: None, progress: Any | None = None
+                  ) -> tuple[optuna.Study, list[LayerSpace]]:
+    """Create the study (seeded; the run's settings, sensitivity and search space stored as
+    study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(url, name, config.seed, config.startup_trials, create=not resume,
+                       heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s,
+                       sampler=config.sampler)
+    if resume:
+        stored = study.user_attrs.get("space")  # (runs before 0.2 did not store it)
+        space = [LayerSpace.from_dict(d) for d in stored] if stored else \
+            derive_space(task.model, task.example, config.space_choices(), config.knobs)
+        if own_storage:
+            fail_interrupted(study)
+        if not has_baseline(study):
+            enqueue_seeds(study, space, config, only_baseline=True)
+    else:
+        space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
+        if config.sensitivity:
+            sens = measure_sensitivity(task, space, config.knobs, seed=config.seed,
+                                       progress=progress)
+            sens.save(run_dir / "sensitivity.json")
+            study.set_user_attr("sensitivity", sens.to_dict())
+            say(sensitivity_table(sens))
+            if config.sensitivity_max_drop is not None:
+                space = narrow_space(space, sens, config.sensitivity_max_drop)
+        with warnings.catch_warnings():  # "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_accuracy", "latency_ms", "size_bytes"])  # dashboards
+        study.set_user_attr("run", run_info)
+        study.set_user_attr("space", [ls.to_dict() for ls in space])
+        enqueue_seeds(study, space, config)
+    (run_dir / "space.json").write_text(json.dumps([ls.to_dict() for ls in space], indent=1))
+    return study, space
+
+
+class _QuietFailures(logging.Filter):
+    """Optuna logs every failed trial with its traceback. A candidate's own failure
+    (TrialFailed) keeps Optuna's one-line warning; the two warnings of a failure that stops the
+    run are dropped: the CLI says it in one line (a bug's traceback is in RUN/error.log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: str | None = None  # the bug's second warning, logged right after
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InternalError | UserError):  # (the run stops; the CLI says why)
+            self.pending = f"Trial {record.getMessage().split()[1]} failed with value"
+            return False
+        if isinstance(exc, TrialFailed):
+            record.exc_info = None
+        if self.pending and record.getMessage().startswith(self.pending):
+            self.pending = None
+            return False
+        return True
+
+
+_QUIET_FAILURES = _QuietFailures()
+
+
+def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task,
+         target: TargetSpec, compiler: Compiler, budget_ms: float, config: SearchConfig,
+         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+         progress: Any | None = None) -> None:
+    """Run trials until the study has `config.trials` finished or claimed (by any worker) or
+    `config.timeout` passed. Several processes may call this on one study: Optuna's storage
+    hands each waiting (seed) trial to one of them, and trial numbers are the storage's."""
+    evaluator = Evaluator(task, target, compiler, config)
+    objective = objective_factory(evaluator, space, budget_ms, run_dir, progress)
+    callbacks = [on_trial] if on_trial else []
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FAILURES)  # (idempotent)
+    while True:
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, re-run
+        if claimed_count(study) >= config.trials:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        # NOTE: only a candidate's own failure is caught (recorded FAIL, the study goes on);
+        # anything else is recorded FAIL by Optuna and raised: a bug stops the run
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+
+
+def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
+                  compiler: Compiler, budget_ms: float, rounds: int = 5) -> dict[str, Any]:
+    """Compile and time whole each front point whose latency was predicted, until the front
+    (recomputed with the measured figures) has none left; report the table's error on them.
+    The figures are a study user attr (`front_measured`: a finished trial's attrs are frozen),
+    which `search.report.front.points_of` reads in place of the predicted ones."""
+    from search.study.points import pareto, points_of
+    from search.study.runfolder import load_trial_model
+
+    table = LatencyTable.for_compiler(compiler)
+    measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
+    for _ in range(rounds):
+        todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
+                if p.latency_source.estimate and str(p.trial) not in measured]
+        if not todo:
+            break
+        items = []
+        for p in todo:
+            model, policy = load_trial_model(run_dir, p.trial, task)
+            items.append((p.trial, model, p.latency_ms, output_tolerance(policy)))
+        new_rows, _ = verify_front(items, task.example, table, compiler, target, task.name)
+        for row in new_rows:
+            measured[str(row["point"])] = row
+        study.set_user_attr("front_measured", measured)
+    done = [r for r in measured.values() if "error" not in r]
+    report = error_report((r["predicted_ms"], r["measured_ms"]) for r in done)
+    study.set_user_attr("latency_table_error", report)
+    return {"points": list(measured.values()), "error": report}

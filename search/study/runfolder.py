@@ -1,0 +1,124 @@
+"""A run folder: the settings it was made with (run.yaml), the process setup they imply, and
+its trials' models rebuilt from their policies and weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from search.core.errors import UserError
+from search.core.settings import yaml_problem
+from search.core.task import cache_dir
+from search.devices.target import TargetSpec, load_target
+from search.study.config import SearchConfig
+from search.study.storage import STUDY_NAME, storage_url
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder was made with (run.yaml), so front/export/resume need no flags."""
+
+    target: str
+    budget_ms: float
+    config: SearchConfig
+    device: dict[str, str | None] = dataclasses.field(default_factory=dict)  # --rpc etc.
+    storage: str | None = None  # an Optuna RDB URL shared by workers; None: run_dir/study.db
+    study: str = STUDY_NAME
+
+    def load_target(self) -> TargetSpec:
+        return load_target(self.target).with_device(**self.device)
+
+    def url(self, run_dir: Path) -> str:
+        return storage_url(run_dir, self.storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "budget_ms": self.budget_ms,
+                "config": dataclasses.asdict(self.config), "device": self.device,
+                "storage": self.storage, "study": self.study}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "run settings") -> RunInfo:
+        """The settings a run stored (run.yaml, or the study's `run` attr), checked: a
+        missing key or a wrong type is a one-line UserError naming it."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where} must be a mapping of the run's settings; got "
+                            f"{type(data).__name__}")
+        missing = [k for k in ("target", "budget_ms", "config") if k not in data]
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(missing)}: it was not written by "
+                            f"`search run` (or was edited); start a new run")
+        budget = data["budget_ms"]
+        if isinstance(budget, bool) or not isinstance(budget, int | float) \
+                or not math.isfinite(budget) or budget <= 0:
+            raise UserError(f"{where}: budget_ms must be a positive number; got {budget!r}")
+        for key, ok in (("target", isinstance(data["target"], str)),
+                        ("config", isinstance(data["config"], dict)),
+                        ("device", isinstance(data.get("device") or {}, dict)),
+                        ("storage", isinstance(data.get("storage"), str | None)),
+                        ("study", isinstance(data.get("study") or STUDY_NAME, str))):
+            if not ok:
+                raise UserError(f"{where}: {key} has the wrong type "
+                                f"({type(data[key]).__name__})")
+        config = SearchConfig.from_dict(data["config"], f"{where}: config")
+        return cls(data["target"], float(budget), config, data.get("device") or {},
+                   data.get("storage"), data.get("study") or STUDY_NAME)
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "run.yaml").write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunInfo:
+        path = run_dir / "run.yaml"
+        if not path.is_file():
+            raise UserError(f"{str(run_dir)!r} is not a run folder (no run.yaml); "
+                            f"pass the --out folder of a `search run`")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({yaml_problem(exc)}): the run "
+                            f"folder is damaged") from None
+        return cls.from_dict(data, str(path))
+
+
+def setup_threads(target: TargetSpec) -> None:
+    """One thread each for torch and TVM unless the target says otherwise: the machine is shared."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(target.threads))
+    torch.set_num_threads(1)
+
+
+def tuning_dir(target: TargetSpec) -> Path:
+    return cache_dir() / "tuning" / target.db_key()
+
+
+def load_trial_model(run_dir: Path, trial: int, task: Any) -> tuple[nn.Module, Any]:
+    """A trial's deployed model: rebuilt from its policy, with its fine-tuned weights (those of
+    the long fine-tune, `finetuned.pt`, when `search finetune` ran)."""
+    from search.compress.build import build
+    from search.compress.policy import Policy
+
+    trial_dir = run_dir / "trials" / f"{trial:04d}"
+    if not (trial_dir / "policy.yaml").exists():
+        raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
+                        f"pick one from `search front {run_dir}`")
+    policy = Policy.load(trial_dir / "policy.yaml")
+    model = build(task.model, policy, task.example, task.train, task.loss)
+    if all(lp.is_identity for lp in policy.layers.values()):
+        pass  # the uncompressed model: the task's own weights
+    elif (trial_dir / "finetuned.pt").exists():
+        model.load_state_dict(torch.load(trial_dir / "finetuned.pt", weights_only=True))
+    elif (trial_dir / "model.pt").exists():
+        model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
+    else:
+        raise UserError(f"trial {trial} has no saved weights (it failed, or is off the front); "
+                        f"pick a trial from `search front {run_dir}`")
+    return model.eval(), policy

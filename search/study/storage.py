@@ -1,0 +1,114 @@
+"""Optuna glue: the storage a run's workers share (SQLite or an RDB URL), the study and its
+sampler, and counting its trials."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+
+from search.core.errors import UserError
+
+STUDY_NAME = "search"
+
+
+DIRECTIONS = ["maximize", "minimize", "minimize"]  # accuracy, latency_ms, size_bytes
+
+
+def storage_url(run_dir: Path, url: str | None) -> str:
+    """The run folder's SQLite file unless an Optuna RDB URL (PostgreSQL, MySQL) is given."""
+    return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
+                 ) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9, a lost machine)
+    is failed after `grace_s` without a heartbeat and enqueued again once
+    (RetryFailedTrialCallback), by whichever worker next starts a trial."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                max_retry=1))
+
+
+def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """Optuna's multi-objective TPE (default: models the space after `startup_trials`), random
+    search, or NSGA-II (generations of max(4, startup_trials)). TPE and NSGA-II read the
+    latency-budget constraint each trial sets (`set_constraint`); random search ignores it."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, startup_trials))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
+def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool,
+               heartbeat_s: int = 20, grace_s: int = 90, sampler: str = "tpe") -> optuna.Study:
+    """The run's study (optuna-dashboard opens it: `optuna-dashboard <storage URL>`)."""
+    sampler = make_sampler(sampler, seed, startup_trials)
+    storage = open_storage(url, heartbeat_s, grace_s)
+    if create:
+        return optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS,
+                                   sampler=sampler)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        raise UserError(f"no study {name!r} in {redact(url)}; start one with `search run "
+                        f"--storage URL --study {name}`") from None
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def fail_interrupted(study: optuna.Study) -> int:
+    """Trials left RUNNING by a killed run are failed, so a resumed run does not count them.
+    Only for a run's own storage: with shared storage another machine may be running them
+    (heartbeats catch the dead ones there)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # NOTE: Optuna has no public setter for a user attr of a trial it is not running
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        n += 1
+    return n
+
+
+def failed_for_real(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL trial that was the candidate's fault. Not: interrupted, lost with a dead worker
+    (no reason), or stopped by a bug in our code (`internal error: ...`): a resumed run
+    evaluates those again."""
+    reason = t.user_attrs.get("fail_reason", "interrupted")
+    return t.state == optuna.trial.TrialState.FAIL and reason != "interrupted" \
+        and not reason.startswith("internal error")
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count against the trial budget: complete, stopped early, or failed for a
+    real reason (failed_for_real)."""
+    done = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            done += 1
+        elif t.state == optuna.trial.TrialState.PRUNED:  # stopped early (search.study.early_stop)
+            done += 1
+        elif failed_for_real(t):
+            done += 1
+    return done
+
+
+def claimed_count(study: optuna.Study) -> int:
+    """Finished trials plus those running now (on any worker)."""
+    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    return finished_count(study) + running
+
+
+def has_baseline(study: optuna.Study) -> bool:
+    return any(t.user_attrs.get("uncompressed") for t in
+               study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
