@@ -20,6 +20,7 @@ from torch import nn
 
 from search.backend.artifact import WeightBytes, module_weight_bytes
 from search.backend.intrinsics import light_tensor_intrinsics
+from search.backend.layout import cpu_layout
 from search.backend.runner_args import valid_arguments
 from search.core.errors import TrialFailed
 from search.devices.target import TargetSpec
@@ -177,7 +178,8 @@ class Compiler:
         whose latency is predicted still reports the artifact's size)."""
         from search.backend.int8 import lower_int8
 
-        return module_weight_bytes(_fused(lower_int8(mod, target=self.target), self.target))
+        return module_weight_bytes(
+            _fused(cpu_layout(lower_int8(mod, target=self.target)), self.target))
 
     def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
         """Tune the module's new workloads (if tuning is on), then build with the database.
@@ -195,6 +197,7 @@ class Compiler:
         try:
             self.database = self._open_database()  # records tuned by parallel workers too
             mod = lower_int8(mod, target=self.target)  # Int8Linear -> int8 x int8 kernels
+            mod = cpu_layout(mod)  # BatchNorm folded, convs NHWC / HWIO (search.backend.layout)
             int8_count = len(int8_kernels(mod))
             fused = _fused(mod, self.target)  # (the build fuses the same way: same constants)
             weights = module_weight_bytes(fused)
