@@ -21,7 +21,7 @@ from torch import nn
 from search.backend.artifact import WeightBytes, module_weight_bytes
 from search.backend.intrinsics import light_tensor_intrinsics
 from search.backend.layout import cpu_layout
-from search.backend.runner_args import valid_arguments
+from search.backend.runner_args import valid_arguments, valid_rpc_arguments
 from search.core.errors import TrialFailed
 from search.devices.target import TargetSpec
 
@@ -129,7 +129,7 @@ class Compiler:
                                                    tracker_key=self.device.key,
                                                    session_timeout_sec=120),
                     evaluator_config=evaluator, max_workers=1,
-                    f_alloc_argument=valid_arguments)
+                    f_alloc_argument=valid_rpc_arguments)
         return self._builder, self._runner
 
     @property
