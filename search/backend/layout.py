@@ -33,8 +33,8 @@ def cpu_layout(mod: Any) -> Any:
     mod = _clip_as_min_max(mod)
     try:
         converted = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
-    except tvm.error.InternalError as exc:  # TVM 0.27's pass fails on some graphs (std::bad_alloc on
-        # a factorized patch embedding): an optimization, so the graph compiles as imported
+    except tvm.error.InternalError as exc:  # TVM 0.27's pass fails on some graphs (bad_alloc
+        # on a factorized patch embedding): an optimization, so the graph compiles as imported
         _LOG.warning("ConvertLayout failed (%s); compiling in NCHW", str(exc).splitlines()[-1])
         return relax.transform.CanonicalizeBindings()(mod)
     converted = relax.transform.FoldConstant()(converted)
