@@ -81,7 +81,8 @@ def test_the_space_build_and_byte_counter_take_it(bias_knob, task):
     out_channels = task.model.get_submodule(name).weight.shape[0]
     before = model_stats(task.model, Policy(), task.example)
     after = model_stats(model, policy, task.example)
-    assert before.ideal_size_bytes - after.ideal_size_bytes == 4 * out_channels  # one fp32 per channel
+    # one fp32 per channel
+    assert before.ideal_size_bytes - after.ideal_size_bytes == 4 * out_channels
     assert before.params - after.params == out_channels
 
 

@@ -207,7 +207,8 @@ def test_int8_linears_become_integer_layers_that_compile_to_int8_kernels(tiny_ta
     storage_only = build(tiny_task.model, policy, tiny_task.example)  # no calibration data
     assert isinstance(storage_only.fc1, nn.Linear)
     real, stored = (model_stats(m, policy, tiny_task.example) for m in (model, storage_only))
-    assert real.flops == stored.flops and abs(real.ideal_size_bytes - stored.ideal_size_bytes) < 2048
+    assert real.flops == stored.flops
+    assert abs(real.ideal_size_bytes - stored.ideal_size_bytes) < 2048
     (x,), y = tiny_task.val.tensors
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.9  # calibrated 8-bit activations keep the predictions

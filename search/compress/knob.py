@@ -17,14 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    import torch
-
-    from search.compress.policy import LayerPolicy, Policy
+# A knob's hooks take policies (search.compress.policy), which import this registry: named
+# here as aliases, not imported, so the two modules do not import each other.
+LayerPolicy = Any  # a search.compress.policy.LayerPolicy
+Policy = Any  # a search.compress.policy.Policy
 
 
 @dataclass
