@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
 
@@ -32,20 +34,21 @@ def test_imports_run_down_the_flow_without_cycles() -> None:
     assert "2 kept, 0 broken" in out.stdout
 
 
-def test_an_upward_import_breaks_the_layers_contract(tmp_path: Path) -> None:
-    root = copy_of_package(tmp_path)
-    with open(root / "search" / "compress" / "build.py", "a") as f:
-        f.write("\nfrom search.study import loop  # noqa: E402  an upward import\n")
-    out = lint(root)
-    assert out.returncode != 0
-    assert "search.compress is not allowed to import search.study" in out.stdout
+BREAKS = {  # an injected import -> what the broken contract must say
+    "upward": ("compress/build.py", "from search.study import loop  # an upward import",
+               ["search.compress is not allowed to import search.study"]),
+    "cycle": ("study/storage.py", "import search.study.loop  # loop imports storage: a cycle",
+              ["No cycles are allowed in search.study", ".storage -> .loop"]),
+}
 
 
-def test_a_cycle_between_sibling_modules_breaks_the_acyclic_contract(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", list(BREAKS))
+def test_an_injected_upward_import_or_cycle_breaks_a_contract(kind: str, tmp_path: Path) -> None:
+    module, line, says = BREAKS[kind]
     root = copy_of_package(tmp_path)
-    with open(root / "search" / "study" / "storage.py", "a") as f:
-        f.write("\nimport search.study.loop  # noqa: E402  loop imports storage: a cycle\n")
+    with open(root / "search" / module, "a") as f:
+        f.write(f"\n{line}\n")
     out = lint(root)
     assert out.returncode != 0
-    assert "No cycles are allowed in search.study" in out.stdout
-    assert ".storage -> .loop" in out.stdout
+    for text in says:
+        assert text in out.stdout
