@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 from search.backend.compile import Compiler, to_relax  # noqa: E402
 from search.backend.int8 import enable_vnni, int8_kind, lower_int8
 from search.backend.measure import run_and_time  # noqa: E402
-from search.compress.int8 import calibrate, quantize_linears
+from search.compress.int8 import calibrate, quantize_layers
 from search.devices.target import Measurement, load_target  # noqa: E402
 
 DEFAULT_SHAPES = "4096x5120,5120x5120,5120x10,512x512"
@@ -66,7 +66,7 @@ def main() -> None:
         fp32 = One(k, n).eval()
         x = torch.relu(torch.randn(1, k))  # an MLP head's input is post-ReLU
         acts = calibrate(fp32, ["fc"], [torch.relu(torch.randn(8, k)) for _ in range(4)])
-        q = quantize_linears(copy.deepcopy(fp32), acts)
+        q = quantize_layers(copy.deepcopy(fp32), acts)
         with torch.no_grad():
             ref32, ref8 = fp32(x), q(x)
         err = float((ref8 - ref32).abs().max() / ref32.abs().max())

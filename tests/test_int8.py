@@ -11,7 +11,7 @@ from torch import nn
 
 from search.backend.compile import to_relax
 from search.backend.int8 import enable_vnni, int8_kernels, int8_kind, lower_int8
-from search.compress.int8 import ActQuant, Int8Linear, calibrate, quantize_linears
+from search.compress.int8 import ActQuant, Int8Linear, calibrate, quantize_layers
 
 
 class Mlp(nn.Module):
@@ -30,7 +30,7 @@ def models():
     fp32 = Mlp().eval()
     batches = [torch.randn(8, 64) for _ in range(4)]
     acts = calibrate(fp32, ["fc1", "fc2"], batches)
-    return fp32, quantize_linears(copy.deepcopy(fp32), acts), acts
+    return fp32, quantize_layers(copy.deepcopy(fp32), acts), acts
 
 
 def test_calibration_gives_uint8_ranges(models):
@@ -130,7 +130,7 @@ def encoder():
     torch.manual_seed(0)
     fp32 = Encoder().eval()
     batches = [torch.randn(4, 8, 64) for _ in range(4)]
-    return quantize_linears(copy.deepcopy(fp32), calibrate(fp32, ["fc1", "fc2"], batches))
+    return quantize_layers(copy.deepcopy(fp32), calibrate(fp32, ["fc1", "fc2"], batches))
 
 
 @pytest.mark.parametrize("kind", ["vnni", "plain"])

@@ -50,7 +50,7 @@ class Compiled:
     tuned: int  # of which have a tuning record
     new_tasks: int  # tuned during this compile (not found in the database)
     tuning_s: float
-    int8_kernels: int = 0  # integer matmuls in the graph (int8 layers the lowering matched)
+    int8_kernels: int = 0  # integer matmuls and convs in the graph (int8 layers lowered)
     weights: WeightBytes = WeightBytes(0)  # the constants the library carries, as it reads them
 
     @property
@@ -179,7 +179,7 @@ class Compiler:
         from search.backend.int8 import lower_int8
 
         return module_weight_bytes(
-            _fused(cpu_layout(lower_int8(mod, target=self.target)), self.target))
+            _fused(lower_int8(cpu_layout(mod), target=self.target), self.target))
 
     def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
         """Tune the module's new workloads (if tuning is on), then build with the database.
@@ -196,8 +196,8 @@ class Compiler:
 
         try:
             self.database = self._open_database()  # records tuned by parallel workers too
-            mod = lower_int8(mod, target=self.target)  # Int8Linear -> int8 x int8 kernels
             mod = cpu_layout(mod)  # BatchNorm folded, convs NHWC / HWIO (search.backend.layout)
+            mod = lower_int8(mod, target=self.target)  # int8 layers -> int8 x int8 kernels
             int8_count = len(int8_kernels(mod))
             fused = _fused(mod, self.target)  # (the build fuses the same way: same constants)
             weights = module_weight_bytes(fused)

@@ -1,7 +1,7 @@
 """Real int8 Linear layers: calibrated activations, int8 x int8 -> int32 kernels in TVM.
 
 Pipeline: `calibrate` (post-training: a few batches through torch.ao observers) ->
-`quantize_linears` (nn.Linear -> Int8Linear, whose torch forward is the exact reference of the
+`quantize_layers` (nn.Linear -> Int8Linear, whose torch forward is the exact reference of the
 kernel) -> `to_relax` -> `lower_int8` (rewrites what the frontend makes of Int8Linear into int8
 kernels) -> tuning.
 
@@ -123,6 +123,7 @@ def _make_rewriter() -> type:
                                 relax.Var("b", relax.TensorType((1, 1), "int32"))).op
     astype_op = relax.op.astype(relax.Var("a", relax.TensorType((1,), "int8")), "int32").op
     permute_op = relax.op.permute_dims(relax.Var("a", relax.TensorType((1, 1), "int8"))).op
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     reshape_op = relax.op.reshape(relax.Var("a", relax.TensorType((1, 1), "int8")), (1,)).op
 
     @mutator
@@ -146,18 +147,22 @@ def _make_rewriter() -> type:
             return expr
 
         def _activation(self, expr: Any) -> Any:
-            """x if expr is astype(x: uint8, "int32"), or a reshape of one (the frontend
-            flattens a 3-D or higher activation to 2-D before the matmul): then the uint8
-            tensor reshaped; else None."""
+            """x if expr is astype(x: uint8, int32 or float32), or a reshape or transpose of one
+            (the frontend flattens a 3-D or higher activation to 2-D before the matmul;
+            ConvertLayout transposes a padded input): then the uint8 tensor reshaped or
+            transposed the same way; else None."""
             v = self._value(expr)
             if isinstance(v, relax.Call) and v.op == astype_op:
                 src = v.args[0]
                 if src.ty.dtype == "uint8":
                     return src
-            if isinstance(v, relax.Call) and v.op == reshape_op:
+            if isinstance(v, relax.Call) and v.op in (reshape_op, permute_op):
                 src = self._activation(v.args[0])
-                if src is not None:
+                if src is None:
+                    return None
+                if v.op == reshape_op:
                     return self.builder_.emit(relax.op.reshape(src, v.args[1]))
+                return self.builder_.emit(relax.op.permute_dims(src, v.attrs.axes))
             return None
 
         def _weight(self, expr: Any) -> np.ndarray | None:
@@ -181,8 +186,44 @@ def _make_rewriter() -> type:
                     return np.ascontiguousarray(w.T).astype(np.int8)
             return None
 
+        def _conv_weight(self, expr: Any) -> np.ndarray | None:
+            """The int8 kernel if expr is astype(const int8) or an int-valued constant in int8
+            range (the form FoldConstant leaves), else None."""
+            v = self._value(expr)
+            if isinstance(v, relax.Call) and v.op == astype_op:
+                v = self._value(v.args[0])
+            if isinstance(v, tvm.ir.expr.Constant):
+                w = v.value.numpy()
+                if w.ndim == 4 and _int8_valued(w):
+                    return w.astype(np.int8)
+            return None
+
+        def _conv(self, call: Any) -> Any:
+            """An Int8Conv2d's conv2d(astype(uint8), int8-valued weight) in fp32 -> the same conv
+            on uint8 x int8 with int32 accumulation (exactly equal: both pad with integer 0);
+            on a "vnni" target a 1x1 stride-1 NHWC conv is the packed VNNI dense kernel."""
+            x = self._activation(call.args[0])
+            w = self._conv_weight(call.args[1]) if x is not None else None
+            shape = _static_shape(x) if x is not None else None
+            if w is None or not shape:
+                return call
+            a = call.attrs
+            if (self.kind == "vnni" and a.data_layout == "NHWC" and a.kernel_layout == "HWIO"
+                    and w.shape[:2] == (1, 1) and int(a.groups) == 1 and w.shape[2] % 4 == 0
+                    and all(int(v) == 1 for v in (*a.strides, *a.dilation))
+                    and all(int(v) == 0 for v in a.padding)):
+                acc = self._vnni(x, np.ascontiguousarray(w[0, 0].T), shape)
+            else:
+                acc = self.builder_.emit(relax.op.nn.conv2d(
+                    x, relax.const(w, "int8"), strides=a.strides, padding=a.padding,
+                    dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
+                    kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype="int32"))
+            return relax.op.astype(acc, call.ty.dtype)
+
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
+            if call.op == conv_op:
+                return self._conv(call)
             if call.op != matmul_op:
                 return call
             x = self._activation(call.args[0])
@@ -201,31 +242,28 @@ def _make_rewriter() -> type:
             return relax.op.astype(acc, call.ty.dtype)
 
         def _vnni(self, x: Any, w: np.ndarray, shape: list[int]) -> Any:
+            """x (..., K) uint8 times the int8 weight (N, K) packed to (N16/16, K/4, 16, 4), in
+            the activation's own shape (no reshape: the epilogue fuses into the kernel). The
+            output index j reads weight block j // 16, lane j % 16, as TVM's x86 dense_vnni
+            compute does, which MetaSchedule's "vnni" rules tensorize."""
             n, k = w.shape
-            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             n16 = -(-n // 16) * 16
             wp = np.zeros((n16, k), np.int8)
             wp[:n] = w
             packed = np.ascontiguousarray(
                 wp.reshape(n16 // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
-            bb = self.builder_
-            x3 = bb.emit(relax.op.reshape(x, (m, k // 4, 4)))
 
             def dense_vnni(a: Any, b: Any) -> Any:
-                ko = te.reduce_axis((0, k // 4), "ko")
-                ki = te.reduce_axis((0, 4), "ki")
+                r = te.reduce_axis((0, k), "k")
                 return te.compute(
-                    (m, n16 // 16, 16),
-                    lambda i, jo, ji: te.sum(a[i, ko, ki].astype("int32")
-                                             * b[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+                    (*shape[:-1], n),
+                    lambda *i: te.sum(a[(*i[:-1], r)].astype("int32")
+                                      * b[i[-1] // 16, r // 4, i[-1] % 16, r % 4].astype("int32"),
+                                      axis=r),
                     name="dense_u8i8i32")
 
-            acc = bb.emit_te(dense_vnni, x3, relax.const(packed, "int8"),
-                             primfunc_name_hint="dense_u8i8i32")
-            acc = bb.emit(relax.op.reshape(acc, (m, n16)))
-            if n16 != n:
-                acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
-            return bb.emit(relax.op.reshape(acc, (*shape[:-1], n)))
+            return self.builder_.emit_te(dense_vnni, x, relax.const(packed, "int8"),
+                                         primfunc_name_hint="dense_u8i8i32")
 
     return Rewriter
 
@@ -242,9 +280,11 @@ def _static_shape(expr: Any) -> list[int] | None:
 def _int8_valued(w: np.ndarray) -> bool:
     if w.dtype == np.int8:
         return True
-    if not np.issubdtype(w.dtype, np.integer):
+    if np.issubdtype(w.dtype, np.floating) and not np.array_equal(w, np.round(w)):
         return False
-    return bool(w.size) and int(w.min()) >= -128 and int(w.max()) <= 127
+    if not (np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)):
+        return False
+    return bool(w.size) and float(w.min()) >= -128 and float(w.max()) <= 127
 
 
 class _LazyRewriter:
@@ -257,7 +297,8 @@ class _LazyRewriter:
 
 
 def int8_kernels(mod: Any) -> list[tuple[str, list[str]]]:
-    """(op or PrimFunc name, input dtypes) of each integer matmul in the module's Relax functions:
+    """(op or PrimFunc name, input dtypes) of each integer matmul or conv in the module's Relax
+    functions:
     what a test or a report inspects to see that the graph really runs int8."""
     from tvm import relax
 
@@ -266,10 +307,11 @@ def int8_kernels(mod: Any) -> list[tuple[str, list[str]]]:
     def visit(expr: Any) -> None:
         if not isinstance(expr, relax.Call):
             return
-        if isinstance(expr.op, tvm_ir_op()) and expr.op.name == "relax.matmul":
+        if isinstance(expr.op, tvm_ir_op()) and expr.op.name in ("relax.matmul",
+                                                                 "relax.nn.conv2d"):
             dts = [a.ty.dtype for a in expr.args]
             if all(d in ("int8", "uint8") for d in dts):
-                found.append(("relax.matmul", dts))
+                found.append((expr.op.name, dts))
         elif isinstance(expr.op, tvm_ir_op()) and expr.op.name == "relax.call_tir":
             gv, args = expr.args[0], expr.args[1]
             dts = [a.ty.dtype for a in args.fields]

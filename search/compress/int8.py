@@ -1,7 +1,7 @@
-"""Real int8 Linear layers, the torch side: calibrated activations (`calibrate`, post-training,
-a few batches through torch.ao observers) and `quantize_linears` (nn.Linear -> Int8Linear, whose
-torch forward is the exact reference of the kernel). search.backend.int8 lowers what TVM's
-frontend makes of an Int8Linear to int8 kernels."""
+"""Real int8 layers, the torch side: calibrated activations (`calibrate`, post-training, a few
+batches through torch.ao observers) and `quantize_layers` (nn.Linear -> Int8Linear, nn.Conv2d ->
+Int8Conv2d, each torch forward the reference of its kernel). search.backend.int8 lowers what
+TVM's frontend makes of them to int8 x int8 -> int32 kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class ActQuant(NamedTuple):
@@ -45,6 +46,8 @@ class Int8Linear(nn.Module):
         wq = (w / w_scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         scale = (act_scale * w_scale).float()
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
+        # the ONNX form's integer ops subtract the zero point themselves: the bias without it
+        self.register_buffer("onnx_bias", bias.clone())
         bias = bias - zero_point * scale * wq.to(torch.int32).sum(dim=1).float()
         # buffers, not attributes: a saved state_dict restores the calibration too
         self.register_buffer("act_scale", torch.tensor(act_scale))
@@ -59,9 +62,13 @@ class Int8Linear(nn.Module):
         return torch.clamp(q, 0, 255).to(torch.uint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _OnnxInt8Linear.apply(x, self.weight_q, self.scale, self.onnx_bias,
+                                         float(self.act_scale), int(self.zero_point))
         q = self.quantize_input(x)
         acc = torch.matmul(q.to(torch.int32), self.weight_q.to(torch.int32).t())
         return acc.to(torch.float32) * self.scale + self.bias
+
 
     computes_in_int8 = True  # the compile-and-time path checks the graph runs it in int8
 
@@ -84,6 +91,151 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, "
                 f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
+
+
+class Int8Conv2d(nn.Module):
+    """A Conv2d computed in integers, as Int8Linear is: uint8 activation (per-tensor, calibrated)
+    x int8 weight (per output channel), int32 accumulation, one fp32 multiply-add per output.
+
+    Zero padding in the float domain is padding with the zero point in the integer domain, so
+    with a zero point the input is padded explicitly with `zp` and the conv has none: every window
+    then sums the same K = C/groups * kh * kw products, and the zero-point term
+    zp * s_x * s_w[n] * sum(wq[n]) folds into the bias. The torch forward convolves the integer
+    values in fp32 (torch has no CPU integer conv): exact while partial sums stay below 2^24,
+    and within 6e-8 relative beyond; the compiled kernel accumulates exactly in int32.
+    Only `padding_mode="zeros"` with numeric padding (`int8_convertible`).
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: ActQuant | float) -> None:
+        super().__init__()
+        if not isinstance(act, ActQuant):
+            act = ActQuant(float(act), 0)
+        if not int8_convertible(conv):
+            raise ValueError(f"{conv} has padding {conv.padding!r} / mode {conv.padding_mode!r}"
+                             f": an int8 conv needs numeric zero padding")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.groups = conv.groups
+        act_scale, zero_point = float(act.scale), int(act.zero_point)
+        w = conv.weight.detach().float()
+        w_scale = w.flatten(1).abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        wq = (w / w_scale[:, None, None, None]).round().clamp(-127, 127).to(torch.int8)
+        scale = (act_scale * w_scale).float()
+        bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
+        self.register_buffer("onnx_bias", bias.clone())  # (as Int8Linear's)
+        bias = bias - zero_point * scale * wq.to(torch.int32).flatten(1).sum(dim=1).float()
+        self.register_buffer("act_scale", torch.tensor(act_scale))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.register_buffer("weight_q", wq)  # int8 (out, in/groups, kh, kw)
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
+        self.register_buffer("bias", bias)  # fp32 (out,), zero-point term folded in
+        self.pad_value = zero_point  # a Python int: torch.export cannot pad with a buffer's value
+        self.register_load_state_dict_post_hook(_refresh_pad_value)
+
+    quantize_input = Int8Linear.quantize_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _OnnxInt8Conv.apply(x, self.weight_q, self.scale, self.onnx_bias,
+                                       float(self.act_scale), int(self.zero_point),
+                                       list(self.stride), list(self.padding * 2),
+                                       list(self.dilation), self.groups)
+        q = self.quantize_input(x)
+        padding = self.padding
+        if self.pad_value and any(padding):  # (zero point 0: the conv's own zero padding)
+            ph, pw = padding
+            q, padding = F.pad(q, (pw, pw, ph, ph), value=self.pad_value), (0, 0)
+        acc = F.conv2d(q.to(torch.float32), self.weight_q.to(torch.float32), None, self.stride,
+                       padding, self.dilation, self.groups)
+        return acc * self.scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    computes_in_int8 = True
+
+    def stored_bytes(self) -> int:
+        return self.weight_q.numel() + 4 * (2 * self.out_channels + 2)
+
+    def stored_params(self) -> int:
+        return self.weight_q.numel() + self.out_channels
+
+    def latency_op(self, key_of: Callable[[nn.Module, bool], str], context: Mapping[str, Any]
+                   ) -> tuple[str, Callable[[], nn.Module]]:
+        like = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups)
+        act = ActQuant(float(self.act_scale), int(self.zero_point))
+        key = (f"int8conv[{context.get('int8_kind', 'plain')}]|{key_of(like, True)}"
+               f"|zp={int(act.zero_point != 0)}")
+        return key, lambda: Int8Conv2d(like, act)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
+
+
+def _onnx_int8(g: Any, x: Any, wq: Any, scale: Any, bias: Any, act_scale: float,
+               zero_point: int, conv: dict[str, Any] | None) -> Any:
+    """The ONNX form of an int8 layer, in ONNX's integer operators (what ONNX Runtime runs in
+    int8): QuantizeLinear (uint8, round half to even and saturate, as `quantize_input`) ->
+    MatMulInteger / ConvInteger (uint8 x int8 -> int32, the zero point subtracted, padding in
+    the zero-point domain) -> Cast -> per-channel Mul -> Add. The weights are int8 initializers.
+    """
+    s = g.op("Constant", value_t=torch.tensor(act_scale, dtype=torch.float32))
+    zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+    q = g.op("QuantizeLinear", x, s, zp)
+    if conv is None:
+        acc = g.op("MatMulInteger", q, g.op("Transpose", wq, perm_i=[1, 0]), zp)
+        shape = [-1]
+    else:
+        acc = g.op("ConvInteger", q, wq, zp, **conv)
+        shape = [1, -1, 1, 1]
+    shape_c = g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64))
+    y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Reshape", scale, shape_c))
+    return g.op("Add", y, g.op("Reshape", bias, shape_c))
+
+
+class _OnnxInt8Linear(torch.autograd.Function):
+    """Int8Linear under torch.onnx's TorchScript exporter (`_onnx_int8`); the forward is only
+    traced for shapes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor, act_scale: float, zero_point: int) -> torch.Tensor:
+        return x @ wq.float().t() * scale + bias
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, wq: Any, scale: Any, bias: Any, act_scale: float,
+                 zero_point: int) -> Any:
+        return _onnx_int8(g, x, wq, scale, bias, act_scale, zero_point, None)
+
+
+class _OnnxInt8Conv(torch.autograd.Function):
+    """Int8Conv2d under torch.onnx's TorchScript exporter (`_onnx_int8`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor, act_scale: float, zero_point: int, strides: list[int],
+                pads: list[int], dilations: list[int], group: int) -> torch.Tensor:
+        acc = F.conv2d(x, wq.float(), None, strides, pads[:2], dilations, group)
+        return acc * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, wq: Any, scale: Any, bias: Any, act_scale: float,
+                 zero_point: int, strides: list[int], pads: list[int], dilations: list[int],
+                 group: int) -> Any:
+        conv = {"strides_i": strides, "pads_i": pads, "dilations_i": dilations,
+                "group_i": group}
+        return _onnx_int8(g, x, wq, scale, bias, act_scale, zero_point, conv)
+
+
+def _refresh_pad_value(module: Int8Conv2d, _keys: Any) -> None:
+    module.pad_value = int(module.zero_point)
+
+
+def int8_convertible(conv: nn.Conv2d) -> bool:
+    """Whether Int8Conv2d can compute this conv: zero padding given as numbers."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[Any],
@@ -118,15 +270,38 @@ def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[An
     return out
 
 
-def quantize_linears(model: nn.Module, acts: dict[str, ActQuant | float]) -> nn.Module:
-    """Replace each named nn.Linear with an Int8Linear (in place; returns the model)."""
+def quantize_layers(model: nn.Module, acts: dict[str, ActQuant | float]) -> nn.Module:
+    """Replace each named nn.Linear with an Int8Linear and each nn.Conv2d with an Int8Conv2d
+    (in place; returns the model)."""
     for name, act in acts.items():
         layer = model.get_submodule(name)
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"{name} is {type(layer).__name__}, not nn.Linear")
+        if isinstance(layer, nn.Linear):
+            new: nn.Module = Int8Linear(layer, act)
+        elif isinstance(layer, nn.Conv2d):
+            new = Int8Conv2d(layer, act)
+        else:
+            raise TypeError(f"{name} is {type(layer).__name__}, not nn.Linear or nn.Conv2d")
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, Int8Linear(layer, act))
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return model
 
 
+def fold_batchnorm(model: nn.Module, name: str) -> bool:
+    """Fold the BatchNorm2d that follows conv `name` in its parent Sequential into the conv (as
+    every int8 deployment does before quantizing: the per-channel weight scales absorb it), and
+    replace the BatchNorm with Identity. True if one was folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential) or not leaf.isdigit():
+        return False
+    i = int(leaf)
+    if i + 1 >= len(parent) or not isinstance(parent[i + 1], nn.BatchNorm2d):
+        return False
+    conv, bn = parent[i], parent[i + 1]
+    if not isinstance(conv, nn.Conv2d) or not bn.track_running_stats:
+        return False
+    parent[i] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    parent[i + 1] = nn.Identity()
+    return True

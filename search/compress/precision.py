@@ -1,10 +1,10 @@
 """Weight precision: the `bits` and `half` knobs.
 
 - bits 16: a real 16-bit float layer (fp16 or bf16, as `half` says; `Half`).
-- bits 8: an int8 Linear is a real integer layer (search.compress.int8.Int8Linear: activations
-  calibrated on training inputs, int8 x int8 -> int32 kernels in TVM); an int8 conv, and 4/2/1
-  bits, are rounded per-channel weights (search.compress.quantize) that TVM computes in fp32: a
-  size win only.
+- bits 8: a real integer layer (search.compress.int8: Int8Linear, Int8Conv2d with its
+  BatchNorm folded in; activations calibrated on training inputs, uint8 x int8 -> int32 kernels
+  in TVM). A conv with non-zero padding modes, and 4/2/1 bits, are rounded per-channel weights
+  (search.compress.quantize) that TVM computes in fp32: a size win only.
 The fine-tune trains through the rounding (a straight-through fake quantizer), so it sees the
 weights that ship.
 """
@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.compress.int8 import calibrate, quantize_linears
+from search.compress.int8 import (
+    calibrate,
+    fold_batchnorm,
+    int8_convertible,
+    quantize_layers,
+)
 from search.compress.knob import BuildContext, Knob, active, set_module
 from search.compress.quantize import FakeQuant, quantize
 
@@ -86,7 +91,7 @@ class Bits(Knob):
         return FakeQuant(lp.bits) if options.qat and lp.bits <= 8 else None
 
     def apply_precision(self, model: nn.Module, policy: Any, ctx: BuildContext) -> None:
-        int8_linears = []
+        int8_layers = []
         for name, lp in policy.layers.items():
             if self not in active(lp) or lp.bits == 32:
                 continue
@@ -100,16 +105,20 @@ class Bits(Knob):
                     set_module(model, name, Half(target, dtype))
                 continue
             for sub, m in target.named_modules():
-                if lp.bits == 8 and ctx.data is not None and isinstance(m, nn.Linear):
-                    int8_linears.append(f"{name}.{sub}" if sub else name)
+                if lp.bits == 8 and ctx.data is not None and (
+                        isinstance(m, nn.Linear)
+                        or isinstance(m, nn.Conv2d) and int8_convertible(m)):
+                    int8_layers.append(f"{name}.{sub}" if sub else name)
                 elif isinstance(m, nn.Conv2d | nn.Linear):
                     m.weight.data = quantize(m.weight.data, lp.bits)
-        if int8_linears:
+        if int8_layers:
             from search.core.data import Split
 
+            for name in int8_layers:  # its BatchNorm into the conv, before the weights round
+                fold_batchnorm(model, name)
             sample = Split(ctx.data).head(CALIBRATION_EXAMPLES)
-            acts = calibrate(model, int8_linears, [b.inputs for b in sample.batches(64)])
-            quantize_linears(model, acts)
+            acts = calibrate(model, int8_layers, [b.inputs for b in sample.batches(64)])
+            quantize_layers(model, acts)
 
     def tolerance(self, lp: Any) -> float | None:
         """16-bit layers round differently in each runtime (bf16 keeps 8 bits of mantissa)."""
