@@ -131,6 +131,7 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
         self.register_buffer("bias", bias)  # fp32 (out,), zero-point term folded in
+        self.had_bias = conv.bias is not None
         self.pad_value = zero_point  # a Python int: torch.export cannot pad with a buffer's value
         self.register_load_state_dict_post_hook(_refresh_pad_value)
 
@@ -157,7 +158,9 @@ class Int8Conv2d(nn.Module):
         return self.weight_q.numel() + 4 * (2 * self.out_channels + 2)
 
     def stored_params(self) -> int:
-        return self.weight_q.numel() + self.out_channels
+        """The conv's own parameter count: its weights, and a bias if it had one (the zero-point
+        term alone makes no parameter; a folded BatchNorm leaves its shift as the bias)."""
+        return self.weight_q.numel() + (self.out_channels if self.had_bias else 0)
 
     def latency_op(self, key_of: Callable[[nn.Module, bool], str], context: Mapping[str, Any]
                    ) -> tuple[str, Callable[[], nn.Module]]:

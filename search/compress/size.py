@@ -34,7 +34,7 @@ def model_stats(model: nn.Module, policy: Policy, example: Inputs) -> ModelStats
     def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal macs
         per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] \
-            if isinstance(m, nn.Conv2d) else m.in_features
+            if hasattr(m, "kernel_size") else m.in_features  # a conv, or an int8 conv
         macs += out[0].numel() * per_out
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
