@@ -39,8 +39,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from bench_real import ort_int8, ort_session, ort_test_accuracy  # noqa: E402
+
 from search.backend.compile import Compiler, to_relax  # noqa: E402
 from search.backend.measure import run_and_time  # noqa: E402
 from search.backend.onnx import onnx_feed, ort_session_bytes, time_onnxruntime  # noqa: E402

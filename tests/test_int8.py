@@ -64,7 +64,7 @@ def test_int8_linear_is_integer_arithmetic():
     assert torch.allclose(q(x).double(), expect, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["plain", "vnni"])
+@pytest.mark.parametrize("kind", ["plain", "vnni", "sdot"])
 def test_lowered_graph_runs_int8_and_matches_torch(models, kind):
     import tvm
     from tvm import relax
@@ -76,8 +76,8 @@ def test_lowered_graph_runs_int8_and_matches_torch(models, kind):
     lowered = lower_int8(mod, kind=kind)
     kernels = int8_kernels(lowered)
     assert len(kernels) == 2
-    for _name, dtypes in kernels:
-        assert [str(d) for d in dtypes[:2]] == ["uint8", "int8"]
+    for _name, dtypes in kernels:  # (sdot: the activation shifted to int8)
+        assert [str(d) for d in dtypes[:2]] == ["int8" if kind == "sdot" else "uint8", "int8"]
     if kind == "plain":
         assert all(name == "relax.matmul" for name, _ in kernels)
     # no widened (int32/float) copy of an int8 weight is left in the graph
@@ -108,7 +108,9 @@ def tvm_equal(a, b) -> bool:
 
 def test_int8_kind_per_target():
     assert int8_kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
-                      "mattr": ["+neon", "+dotprod"]}) == "plain"
+                      "mattr": ["+neon", "+dotprod"]}) == "sdot"
+    assert int8_kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
+                      "mattr": ["+neon"]}) == "plain"
     assert int8_kind({"kind": "llvm", "mcpu": "cascadelake"}) == "vnni"
     assert int8_kind({"kind": "llvm", "mcpu": "haswell"}) == "plain"
 
@@ -133,7 +135,7 @@ def encoder():
     return quantize_layers(copy.deepcopy(fp32), calibrate(fp32, ["fc1", "fc2"], batches))
 
 
-@pytest.mark.parametrize("kind", ["vnni", "plain"])
+@pytest.mark.parametrize("kind", ["vnni", "sdot", "plain"])
 def test_int8_linears_on_3d_activations_lower_to_int8_kernels(encoder, kind):
     x = torch.randn(1, 8, 64)
     lowered = lower_int8(to_relax(encoder, (x,)), kind=kind)

@@ -125,7 +125,7 @@ def test_state_dict_restores_the_zero_point_used_for_padding(nets):
     torch.testing.assert_close(other(x), q.stem[0](x))
 
 
-@pytest.mark.parametrize("kind", ["vnni", "plain"])
+@pytest.mark.parametrize("kind", ["vnni", "sdot", "plain"])
 def test_every_int8_conv_lowers_to_an_int8_kernel(nets, kind):
     _, q, _ = nets
     x = torch.randn(1, 3, 24, 24)
@@ -133,10 +133,11 @@ def test_every_int8_conv_lowers_to_an_int8_kernel(nets, kind):
     kernels = int8_kernels(lower_int8(cpu_layout(to_relax(q, x)), kind=kind))
     names = sorted(name for name, _ in kernels)
     assert len(kernels) == 3
-    for _, dtypes in kernels:
-        assert [str(d) for d in dtypes[:2]] == ["uint8", "int8"]
-    if kind == "vnni":  # the 1x1 conv is the packed dense kernel, the others int8 convs
-        assert names == ["dense_u8i8i32", "relax.nn.conv2d", "relax.nn.conv2d"]
+    for name, dtypes in kernels:  # (sdot's dense kernel: the activation shifted to int8)
+        assert [str(d) for d in dtypes[:2]] == ["int8" if "s8" in name else "uint8", "int8"]
+    if kind != "plain":  # the 1x1 conv is the packed dense kernel, the others int8 convs
+        dense = "dense_u8i8i32" if kind == "vnni" else "dense_s8i8i32"
+        assert names == [dense, "relax.nn.conv2d", "relax.nn.conv2d"]
     else:
         assert names == ["relax.nn.conv2d"] * 3
 
@@ -199,3 +200,21 @@ def test_onnx_form_runs_int8_operators_with_int8_weights_in_onnx_runtime(nets, t
             and np.prod(i.dims) >= 16 * 3 * 9]
     assert wide == []
     assert check_onnx(tmp_path / "m.onnx", x, ref, atol=1e-4) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["vnni", "sdot", "plain"])
+def test_each_int8_form_computes_what_torch_does(nets, kind):
+    """Each form's arithmetic (sdot's shift by 128 included), compiled here untuned."""
+    import tvm
+    from tvm import relax
+
+    from search.backend.int8 import enable_vnni
+
+    _, q, _ = nets
+    x = torch.randn(1, 3, 24, 24)
+    lowered = lower_int8(cpu_layout(to_relax(q, x)), kind=kind)
+    enable_vnni()
+    ex = tvm.compile(lowered, target=tvm.target.Target({"kind": "llvm"}))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(out, q(x).numpy(), atol=1e-4, rtol=1e-5)

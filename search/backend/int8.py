@@ -1,30 +1,28 @@
-"""Real int8 Linear layers: calibrated activations, int8 x int8 -> int32 kernels in TVM.
+"""Real int8 layers in TVM: what the frontend makes of an Int8Linear / Int8Conv2d
+(search.compress.int8) rewritten to uint8 x int8 -> int32 kernels. Runs after the CPU layout
+passes (search.backend.layout), so convs are NHWC / HWIO and weights folded constants.
 
-Pipeline: `calibrate` (post-training: a few batches through torch.ao observers) ->
-`quantize_layers` (nn.Linear -> Int8Linear, whose torch forward is the exact reference of the
-kernel) -> `to_relax` -> `lower_int8` (rewrites what the frontend makes of Int8Linear into int8
-kernels) -> tuning.
+What the frontend makes of them: the uint8 activation widened (`astype` to int32 or float32), the
+int8 weight widened too, and an fp32 `matmul` / `conv2d` on the widened operands (no int8
+kernel, 4x the weight bytes). `lower_int8` replaces each with an int8 form, by target
+(`int8_kind`):
 
-What the frontend makes of Int8Linear: `astype(uint8) -> astype(int32)`, the int8 weight
-`astype(int32) -> permute_dims`, and `matmul(int32, int32, out_dtype="float32")`, i.e. an fp32
-matmul on widened operands (no int8 kernel, 4x the weight bytes). `lower_int8` replaces that with
-one of two int8 forms:
-
-- "vnni" (x86 with AVX512-VNNI / AVX-VNNI): uint8 activation x int8 weight pre-packed to
-  (N/16, K/4, 16, 4), int32 accumulation, as a TE kernel whose inner 16x4 block MetaSchedule's
-  default x86 "vnni" rules tensorize with `dot_16x4_vnni` (vpdpbusd).
+- "vnni" (x86 with AVX512-VNNI / AVX-VNNI): Linears and 1x1 stride-1 convs become one TE
+  kernel, uint8 activation x int8 weight pre-packed to (N/16, K/4, 16, 4), int32 accumulation,
+  in the activation's own shape, whose inner 16x4 block MetaSchedule's x86 "vnni" rules
+  tensorize with `dot_16x4_vnni` (vpdpbusd). Other convs: `conv2d(uint8, int8) -> int32`.
   NOTE: TVM 0.27.0's own `dot_16x4_vnni` emits the pre-LLVM-20 signature of
   `llvm.x86.avx512.vpdpbusd.512` (<16 x i32> operands) and its bundled LLVM 22 rejects the
   module ("Call parameter type does not match function signature"), so every tensorized
   candidate fails and tuning silently keeps untensorized ones. `enable_vnni()` re-registers the
   intrinsic with <64 x i8> operands; call it once in the tuning/compiling process.
-- "plain" (any other target): `R.matmul(uint8, int8ᵀ, out_dtype="int32")`. No dot-product
-  instruction, but a quarter of the weight bytes, which is what a batch-1 Linear is bound by.
-
-Arm: TVM's "dotprod" rules (Cortex-A76 with +dotprod, e.g. the Pi 5) tensorize int8 x int8 with
-`dot_4x4_i8i8s32_sdot` on a (N/4, K/4, 4, 4) layout; the Pi 4's A72 gets the "asimd" rules
-(`dot_4x4_i8i8s32_neon`, no dot-product instruction). This module does not emit that layout yet:
-on Arm `lower_int8` uses "plain" (see `int8_kind`).
+- "sdot" (aarch64 with +dotprod: Cortex-A76, the Pi 5): the same kernel on a (N/4, K/4, 4, 4)
+  layout, which MetaSchedule's Arm "dotprod" rules tensorize with `dot_4x4_i8i8s32_sdot`. sdot
+  multiplies int8 by int8, so the activation is shifted to int8 (q - 128, fused into the layer
+  before) and 128 * sum_k w[n, k] is added back (a constant, fused after).
+- "plain" (any other target, the Pi 4's A72 included): `matmul` / `conv2d` on uint8 x int8 with
+  int32 output. No dot-product instruction, but a quarter of the weight bytes, which is what a
+  batch-1 layer is bound by.
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ import numpy as np
 
 def int8_kind(target: Any) -> str:
     """Which int8 kernel form suits the target: "vnni" (x86 with AVX512-VNNI or AVX-VNNI, the same
-    test MetaSchedule uses to pick its "vnni" schedule rules) or "plain"."""
+    test MetaSchedule uses to pick its "vnni" schedule rules), "sdot" (aarch64 with +dotprod,
+    where its "dotprod" rules apply) or "plain"."""
     import tvm
 
     if target is None:
@@ -47,6 +46,8 @@ def int8_kind(target: Any) -> str:
     has = tvm.get_global_func("target.target_has_feature")
     if has("avx512vnni", target) or has("avxvnni", target):
         return "vnni"
+    if has("dotprod", target):  # aarch64 with the dot-product extension (Cortex-A76: the Pi 5)
+        return "sdot"
     return "plain"
 
 
@@ -101,14 +102,14 @@ def _vnni_impl() -> Any:
 def lower_int8(mod: Any, target: Any = None, kind: str | None = None) -> Any:
     """Rewrite the frontend's form of each Int8Linear into an int8 x int8 -> int32 kernel.
 
-    `kind` ("vnni" or "plain") defaults to `int8_kind(target)`. Matmuls that are not an
+    `kind` ("vnni", "sdot" or "plain") defaults to `int8_kind(target)`. Matmuls that are not an
     Int8Linear's (no uint8/int8 activation, no int8-valued constant weight) are left alone.
     Returns a new IRModule (dead widened-weight constants removed).
     """
     from tvm import relax
 
     kind = kind or int8_kind(target)
-    if kind not in ("vnni", "plain"):
+    if kind not in ("vnni", "sdot", "plain"):
         raise ValueError(f"unknown int8 kernel kind {kind!r}")
     mod = _Int8Rewriter(mod, kind).transform()
     return relax.transform.DeadCodeElimination()(mod)
@@ -201,18 +202,18 @@ def _make_rewriter() -> type:
         def _conv(self, call: Any) -> Any:
             """An Int8Conv2d's conv2d(astype(uint8), int8-valued weight) in fp32 -> the same conv
             on uint8 x int8 with int32 accumulation (exactly equal: both pad with integer 0);
-            on a "vnni" target a 1x1 stride-1 NHWC conv is the packed VNNI dense kernel."""
+            on a "vnni" or "sdot" target a 1x1 stride-1 NHWC conv is the packed dense kernel."""
             x = self._activation(call.args[0])
             w = self._conv_weight(call.args[1]) if x is not None else None
             shape = _static_shape(x) if x is not None else None
             if w is None or not shape:
                 return call
             a = call.attrs
-            if (self.kind == "vnni" and a.data_layout == "NHWC" and a.kernel_layout == "HWIO"
+            if (self.kind != "plain" and a.data_layout == "NHWC" and a.kernel_layout == "HWIO"
                     and w.shape[:2] == (1, 1) and int(a.groups) == 1 and w.shape[2] % 4 == 0
                     and all(int(v) == 1 for v in (*a.strides, *a.dilation))
                     and all(int(v) == 0 for v in a.padding)):
-                acc = self._vnni(x, np.ascontiguousarray(w[0, 0].T), shape)
+                acc = self._packed(x, np.ascontiguousarray(w[0, 0].T), shape)
             else:
                 acc = self.builder_.emit(relax.op.nn.conv2d(
                     x, relax.const(w, "int8"), strides=a.strides, padding=a.padding,
@@ -234,36 +235,49 @@ def _make_rewriter() -> type:
             n, k = w.shape
             if shape[-1] != k:
                 return call
-            if self.kind == "vnni" and k % 4 == 0:
-                acc = self._vnni(x, w, shape)
+            if self.kind != "plain" and k % 4 == 0:
+                acc = self._packed(x, w, shape)
             else:
                 acc = self.builder_.emit(relax.op.matmul(
                     x, relax.const(np.ascontiguousarray(w.T), "int8"), out_dtype="int32"))
             return relax.op.astype(acc, call.ty.dtype)
 
-        def _vnni(self, x: Any, w: np.ndarray, shape: list[int]) -> Any:
-            """x (..., K) uint8 times the int8 weight (N, K) packed to (N16/16, K/4, 16, 4), in
-            the activation's own shape (no reshape: the epilogue fuses into the kernel). The
-            output index j reads weight block j // 16, lane j % 16, as TVM's x86 dense_vnni
-            compute does, which MetaSchedule's "vnni" rules tensorize."""
+        def _packed(self, x: Any, w: np.ndarray, shape: list[int]) -> Any:
+            """x (..., K) uint8 times the int8 weight (N, K) packed to (N/L, K/4, L, 4), in the
+            activation's own shape (no reshape: the epilogue fuses into the kernel). Output
+            index j reads weight block j // L, lane j % L, as TVM's x86 dense_vnni compute
+            does, which MetaSchedule's "vnni" (L = 16, u8 x i8: vpdpbusd) and Arm "dotprod"
+            (L = 4, i8 x i8: sdot) rules tensorize. sdot has no uint8 x int8 form, so there
+            the activation is shifted to int8 (q - 128) and 128 * sum_k w[n, k] added back."""
+            bb = self.builder_
+            lanes = 16 if self.kind == "vnni" else 4
             n, k = w.shape
-            n16 = -(-n // 16) * 16
-            wp = np.zeros((n16, k), np.int8)
+            nl = -(-n // lanes) * lanes
+            wp = np.zeros((nl, k), np.int8)
             wp[:n] = w
             packed = np.ascontiguousarray(
-                wp.reshape(n16 // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
+                wp.reshape(nl // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3))
+            if self.kind == "sdot":
+                x = bb.emit(relax.op.astype(relax.op.subtract(
+                    relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
 
-            def dense_vnni(a: Any, b: Any) -> Any:
+            name = "dense_u8i8i32" if self.kind == "vnni" else "dense_s8i8i32"
+
+            def dense_packed(a: Any, b: Any) -> Any:
                 r = te.reduce_axis((0, k), "k")
                 return te.compute(
                     (*shape[:-1], n),
                     lambda *i: te.sum(a[(*i[:-1], r)].astype("int32")
-                                      * b[i[-1] // 16, r // 4, i[-1] % 16, r % 4].astype("int32"),
-                                      axis=r),
-                    name="dense_u8i8i32")
+                                      * b[i[-1] // lanes, r // 4, i[-1] % lanes, r % 4]
+                                      .astype("int32"), axis=r),
+                    name=name)
 
-            return self.builder_.emit_te(dense_vnni, x, relax.const(packed, "int8"),
-                                         primfunc_name_hint="dense_u8i8i32")
+            acc = bb.emit_te(dense_packed, x, relax.const(packed, "int8"),
+                             primfunc_name_hint=name)
+            if self.kind == "sdot":
+                shift = 128 * w.astype(np.int32).sum(axis=1)
+                acc = bb.emit(relax.op.add(acc, relax.const(shift.astype(np.int32), "int32")))
+            return acc
 
     return Rewriter
 
