@@ -25,6 +25,7 @@ from search.backend.runner_args import valid_arguments, valid_rpc_arguments
 from search.core.errors import TrialFailed
 from search.devices.target import TargetSpec
 
+_LOG = logging.getLogger(__name__)
 
 def to_relax(model: nn.Module, example: Any) -> Any:
     """torch.export -> Relax IRModule with the weights bound as constants (folded at compile).
@@ -144,7 +145,7 @@ class Compiler:
         mod = task.dispatched[0]
         return self.database.query_tuning_record(mod, self.target, task.task_name) is not None
 
-    def _tune(self, tasks: list[Any], progress: Any | None) -> None:
+    def _tune(self, tasks: list[Any], progress: Any | None, retry: int = 0) -> None:
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
 
@@ -159,7 +160,7 @@ class Compiler:
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
         contexts, weights = extracted_tasks_to_tune_contexts(
-            tasks, work_dir=str(self.log_dir), strategy=strategy, seed=self.seed)
+            tasks, work_dir=str(self.log_dir), strategy=strategy, seed=self.seed + retry)
         builder, runner = self._workers()
         callbacks = list(ms.MeasureCallback.create("default"))
         if progress is not None:
@@ -211,6 +212,14 @@ class Compiler:
                     progress.reset(total=len(missing) * self.trials_per_task)
                     progress.set_description(f"tuning {len(missing)} new kernels")
                 self._tune(missing, progress)
+                # a kernel all of whose candidates failed to build (a build timeout while the
+                # machine is loaded) would run its untuned default schedule, often 10x slower:
+                # tune those once more before giving up on them
+                failed = [t for t in missing if not self._has_record(t)]
+                if failed:
+                    _LOG.warning("%d kernel(s) got no valid candidate; tuning them again",
+                                 len(failed))
+                    self._tune(failed, progress, retry=1)  # (other candidates)
             tuning_s = time.perf_counter() - start
             tuned = sum(self._has_record(t) for t in tasks)
             ex = ms.relax_integration.compile_relax(self.database, mod, self.target, None)
