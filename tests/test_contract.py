@@ -97,7 +97,8 @@ ARTIFACT_KNOBS = {  # knob -> uniform policy; the artifact's weights by dtype mu
     "none": ({}, {"float32"}),
     "rank": ({"rank": 0.25}, {"float32"}),
     "sparsity": ({"sparsity": 0.5}, {"float32"}),
-    "bits8": ({"bits": 8}, {"float32", "int8"}),
+    "bits8": ({"bits": 8}, {"float32", "int8"}),  # on the transformer: int8 Linears
+    "bits8-conv": ({"bits": 8}, {"float32", "int8"}),  # on the CNN: int8 convs
     "fp16": ({"bits": 16}, {"float16", "float32"}),
     "bf16": ({"bits": 16, "half": "bf16"}, {"bfloat16", "float32"}),
     "bits4": ({"bits": 4}, {"float32"}),  # stored fp32: 4-bit values are not written packed
@@ -127,6 +128,9 @@ def test_the_size_a_trial_reports_is_what_the_written_library_carries(tasks, com
     assert compiled.weights.by_dtype == written.by_dtype
     floats = {d for d in written.by_dtype if "float" in d or d.startswith("int8")}
     assert floats == dtypes, written.by_dtype  # (small int64 index constants aside)
+    if knob == "bits8-conv":  # every int8 conv's weights are written as int8 (VNNI pads N to 16)
+        int8_weights = sum(m.weight_q.numel() for m in model.modules() if hasattr(m, "weight_q"))
+        assert int8_weights > 0 and written.by_dtype["int8"] >= int8_weights
     ideal = model_stats(model, policy, task.example).ideal_size_bytes
     if knob in ("prune", "share", "bits4"):  # counted in formats that are not written
         assert ideal < 0.5 * written.total
