@@ -132,6 +132,7 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
         self.register_buffer("bias", bias)  # fp32 (out,), zero-point term folded in
         self.had_bias = conv.bias is not None
+        self.folded_bn_scale = getattr(conv, "folded_bn_scale", None)  # (fold_batchnorm)
         self.pad_value = zero_point  # a Python int: torch.export cannot pad with a buffer's value
         self.register_load_state_dict_post_hook(_refresh_pad_value)
 
@@ -305,6 +306,10 @@ def fold_batchnorm(model: nn.Module, name: str) -> bool:
     conv, bn = parent[i], parent[i + 1]
     if not isinstance(conv, nn.Conv2d) or not bn.track_running_stats:
         return False
-    parent[i] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    # what the weights were multiplied by (per output channel): the sensitivity pass compares
+    # a layer's effective weight with the original's, before the fold
+    fused.folded_bn_scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().clone()
+    parent[i] = fused
     parent[i + 1] = nn.Identity()
     return True

@@ -121,7 +121,12 @@ class Bits(Knob):
             quantize_layers(model, acts)
 
     def tolerance(self, lp: Any) -> float | None:
-        """16-bit layers round differently in each runtime (bf16 keeps 8 bits of mantissa)."""
+        """16-bit layers round differently in each runtime (bf16 keeps 8 bits of mantissa).
+        An int8 layer computes exactly in each runtime, but x / s can land on the other side
+        of a rounding boundary in another runtime's float arithmetic: one activation one step
+        off, which a deep encoder carries to the output (2e-2 measured on MiniLM's logits)."""
+        if lp.bits == 8:
+            return 5e-2
         if lp.bits != 16:
             return None
         return 1e-1 if lp.half == "bf16" else 5e-2

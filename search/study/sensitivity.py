@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.compress.build import build
-from search.compress.int8 import Int8Linear
+from search.compress.int8 import Int8Conv2d, Int8Linear
 from search.compress.knob import REGISTRY
 from search.compress.lowrank import (
     EXACT_SVD_MAX,
@@ -278,7 +278,8 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight a (compressed) layer applies, as one fp32 tensor of the original layer's
     layout: a Linear/Conv2d (possibly wrapped, e.g. a 16-bit layer), or a factorized pair
     multiplied back. None for anything else."""
-    leaves = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | Int8Linear)]
+    kinds = nn.Linear | nn.Conv2d | Int8Linear | Int8Conv2d
+    leaves = [m for m in module.modules() if isinstance(m, kinds)]
     if len(leaves) == 1:
         return _weight(leaves[0])
     if len(leaves) != 2:
@@ -286,7 +287,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     first, second = (_weight(m) for m in leaves)
     if all(isinstance(m, nn.Linear | Int8Linear) for m in leaves):
         return second @ first
-    if not (isinstance(leaves[0], nn.Conv2d) and isinstance(leaves[1], nn.Conv2d)):
+    if not all(isinstance(m, nn.Conv2d | Int8Conv2d) for m in leaves):
         return None
     if second.shape[2:] == (1, 1):  # kxk to r, then 1x1
         return torch.einsum("or,rcyx->ocyx", second[:, :, 0, 0], first)
@@ -299,6 +300,10 @@ def _weight(m: nn.Module) -> torch.Tensor:
     """A layer's weight in fp32 (an int8 layer's: its int8 values times their scales)."""
     if isinstance(m, Int8Linear):
         return m.weight_q.float() * m.weight_scale[:, None]
+    if isinstance(m, Int8Conv2d):  # in the original layer's terms: its BatchNorm unfolded
+        w = m.weight_q.float() * m.weight_scale[:, None, None, None]
+        bn = m.folded_bn_scale
+        return w if bn is None else w / bn.view(-1, 1, 1, 1)
     return m.weight.detach().float()
 
 
