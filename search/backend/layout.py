@@ -9,7 +9,10 @@ vectorize in fp32. The passes, in order:
 2. rewrite clip(x, lo, hi) (ReLU6) as minimum(maximum(x, lo), hi): relax.clip has no layout
    rule, so ConvertLayout would wrap every ReLU6 in two transposes;
 3. convert convolutions to NHWC activations and HWIO weights (output channels innermost in
-   every operand: contiguous 16-lane FMAs), fold the converted weights, tidy the bindings.
+   every operand: contiguous 16-lane FMAs), fold the converted weights, tidy the bindings;
+4. GELU as x * (0.5 + 0.5 * erf(x / sqrt 2)) with TVM's own polynomial `topi.fast_erf`
+   (max error ~1e-6): relax.nn.gelu lowers to a scalar libm erff call per element, which LLVM
+   cannot vectorize (on MiniLM, 2.0 of 10.8 ms in one GELU kernel per layer).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def cpu_layout(mod: Any) -> Any:
     mod = FoldBatchnormToConv2D()(mod)
     mod = relax.transform.FoldConstant()(mod)  # (before ConvertLayout: it needs the folded form)
     mod = _clip_as_min_max(mod)
+    mod = _fast_gelu(mod)
     try:
         converted = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
     except tvm.error.InternalError as exc:  # TVM 0.27's pass fails on some graphs (bad_alloc
@@ -63,3 +67,33 @@ def _clip_as_min_max(mod: Any) -> Any:
         if isinstance(func, relax.Function):
             mod[gv] = ClipAsMinMax().visit_expr(func)
     return mod
+
+
+def _fast_gelu(mod: Any) -> Any:
+    import tvm
+    from tvm import relax, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    gelu = tvm.ir.Op.get("relax.nn.gelu")
+
+    @mutator
+    class FastGelu(PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(gelu)):
+                return call
+            x = call.args[0]
+            dtype = x.ty.dtype
+            if dtype != "float32":
+                return call
+            scaled = self.builder_.emit(relax.op.multiply(x, relax.const(0.7071067811865476,
+                                                                         dtype)))
+            erf = self.builder_.emit_te(topi.fast_erf, scaled, primfunc_name_hint="fast_erf")
+            half = relax.const(0.5, dtype)
+            return relax.op.multiply(x, relax.op.add(half, relax.op.multiply(half, erf)))
+
+    rewriter = FastGelu(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
