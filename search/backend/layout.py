@@ -45,55 +45,53 @@ def cpu_layout(mod: Any) -> Any:
     return relax.transform.CanonicalizeBindings()(converted)
 
 
-def _clip_as_min_max(mod: Any) -> Any:
+def _rewrite_calls(mod: Any, op_name: str, rewrite: Any) -> Any:
+    """The module with each call of `op_name` replaced by `rewrite(builder, call)` (which may
+    emit bindings and TE functions, or return the call unchanged)."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    clip = tvm.ir.Op.get("relax.clip")
+    op = tvm.ir.Op.get(op_name)
 
     @mutator
-    class ClipAsMinMax(PyExprMutator):
+    class Rewriter(PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.same_as(clip):
-                x, dtype = call.args[0], call.args[0].ty.dtype
-                lo, hi = float(call.args[1].value), float(call.args[2].value)
-                return relax.op.minimum(relax.op.maximum(x, relax.const(lo, dtype)),
-                                        relax.const(hi, dtype))
+            if isinstance(call.op, tvm.ir.Op) and call.op.same_as(op):
+                return rewrite(self.builder_, call)
             return call
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = ClipAsMinMax().visit_expr(func)
-    return mod
-
-
-def _fast_gelu(mod: Any) -> Any:
-    import tvm
-    from tvm import relax, topi
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    gelu = tvm.ir.Op.get("relax.nn.gelu")
-
-    @mutator
-    class FastGelu(PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(gelu)):
-                return call
-            x = call.args[0]
-            dtype = x.ty.dtype
-            if dtype != "float32":
-                return call
-            scaled = self.builder_.emit(relax.op.multiply(x, relax.const(0.7071067811865476,
-                                                                         dtype)))
-            erf = self.builder_.emit_te(topi.fast_erf, scaled, primfunc_name_hint="fast_erf")
-            half = relax.const(0.5, dtype)
-            return relax.op.multiply(x, relax.op.add(half, relax.op.multiply(half, erf)))
-
-    rewriter = FastGelu(mod)
+    rewriter = Rewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     return rewriter.builder_.get()
+
+
+def _clip_as_min_max(mod: Any) -> Any:
+    from tvm import relax
+
+    def rewrite(_bb: Any, call: Any) -> Any:
+        x, dtype = call.args[0], call.args[0].ty.dtype
+        lo, hi = float(call.args[1].value), float(call.args[2].value)
+        return relax.op.minimum(relax.op.maximum(x, relax.const(lo, dtype)),
+                                relax.const(hi, dtype))
+
+    return _rewrite_calls(mod, "relax.clip", rewrite)
+
+
+def _fast_gelu(mod: Any) -> Any:
+    from tvm import relax, topi
+
+    def rewrite(bb: Any, call: Any) -> Any:
+        x = call.args[0]
+        dtype = x.ty.dtype
+        if dtype != "float32":
+            return call
+        scaled = bb.emit(relax.op.multiply(x, relax.const(0.7071067811865476, dtype)))
+        erf = bb.emit_te(topi.fast_erf, scaled, primfunc_name_hint="fast_erf")
+        half = relax.const(0.5, dtype)
+        return relax.op.multiply(x, relax.op.add(half, relax.op.multiply(half, erf)))
+
+    return _rewrite_calls(mod, "relax.nn.gelu", rewrite)
