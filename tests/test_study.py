@@ -256,3 +256,23 @@ def test_a_bf16_point_exports_a_library_and_an_onnx_model_onnx_runtime_runs(tmp_
     assert exported.notes and "bf16" in exported.notes[0]
     assert exported.onnx_max_abs_error <= 0.1
     assert not (tmp_path / "export.partial").exists()
+
+
+def test_a_policy_proposed_again_reuses_its_figures_and_is_listed_once(tmp_path):
+    out = tmp_path / "r"
+    run_tiny(out, trials=3, seeds=[{}, {"bits": 8}], sensitivity=False)
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="search", storage=storage)
+    first = study.trials[1]  # the int8 seed, complete
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    study.enqueue_trial(first.params)  # the sampler proposes it again
+    config = SearchConfig(**{**TINY, "trials": 4, "seeds": [{}, {"bits": 8}],
+                             "sensitivity": False})
+    target, info = prepare("host", 0.5, config, out, resume=True)
+    data = run_search(out, target, info, resume=True, show_progress=False)
+    again = optuna.load_study(study_name="search", storage=storage).trials[3]
+    assert again.params == first.params and again.user_attrs["duplicate_of"] == 1
+    assert again.values == first.values  # the sampler learns the same figures
+    assert again.user_attrs["compile_s"] == first.user_attrs["compile_s"]  # nothing rebuilt
+    assert not (out / "trials" / "0003" / "model.pt").exists()
+    assert [p["trial"] for p in data["points"]].count(3) == 0  # the front lists it once

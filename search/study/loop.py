@@ -35,6 +35,7 @@ from search.devices.target import TargetSpec
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
+from search.study.points import DUPLICATE_OF
 from search.study.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
     claimed_count,
@@ -117,6 +118,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         trial_dir = run_dir / "trials" / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         policy.save(trial_dir / "policy.yaml")
+        twin = evaluated_twin(trial.study, trial.number, trial.params)
+        if twin is not None:
+            return reuse(trial, twin, trial_dir)
         trial.set_user_attr("uncompressed", all(lp.is_identity for lp in policy.layers.values()))
         curve: dict[str, float] = {}
         hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
@@ -155,6 +159,35 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
     return objective
+
+
+def evaluated_twin(study: optuna.Study, number: int, params: dict[str, Any]
+                   ) -> optuna.trial.FrozenTrial | None:
+    """An earlier trial of the same policy that finished (complete, or failed for the
+    candidate's own reason), itself not a reuse: the sampler may propose a policy again."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                      optuna.trial.TrialState.FAIL)):
+        if t.number != number and t.params == params and DUPLICATE_OF not in t.user_attrs \
+                and (t.state == optuna.trial.TrialState.COMPLETE or failed_for_real(t)):
+            return t
+    return None
+
+
+def reuse(trial: optuna.Trial, twin: optuna.trial.FrozenTrial, trial_dir: Path
+          ) -> tuple[float, float, int]:
+    """The same policy again: its figures are the twin's (recorded with `duplicate_of`, so the
+    sampler learns the value and the front lists the point once), nothing is rebuilt."""
+    trial.set_user_attr(DUPLICATE_OF, twin.number)
+    if twin.state != optuna.trial.TrialState.COMPLETE:
+        raise TrialFailed(f"same policy as trial {twin.number}, which failed: "
+                          f"{twin.user_attrs.get('fail_reason', '?')}")
+    for key, value in twin.user_attrs.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr(DUPLICATE_OF, twin.number)
+    for key, value in twin.constraints.items():
+        trial.set_constraint(key, value)
+    (trial_dir / "result.json").write_text(json.dumps({DUPLICATE_OF: twin.number}, indent=1))
+    return tuple(twin.values)  # type: ignore[return-value]
 
 
 ERROR_LOG = "error.log"

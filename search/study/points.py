@@ -13,6 +13,9 @@ from search.backend.provenance import Provenance
 from search.compress.policy import Policy
 
 
+DUPLICATE_OF = "duplicate_of"  # user attr of a trial that reused an earlier one's figures
+
+
 @dataclass(frozen=True)
 class Point:
     """One evaluated candidate, as a user reads it."""
@@ -48,6 +51,8 @@ def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Poin
     measured = study.user_attrs.get("front_measured", {})  # predicted points measured whole
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         a = dict(t.user_attrs)
+        if DUPLICATE_OF in a:  # the same policy as an earlier trial: listed once, as it
+            continue
         m = measured.get(str(t.number))
         if m and "error" not in m:
             a.update(latency_ms=m["measured_ms"], latency_p25_ms=m["measured_iqr_ms"][0],
