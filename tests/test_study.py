@@ -80,6 +80,22 @@ def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
             assert (t.constraints["latency_budget_ms"] <= 0) == (t.user_attrs["latency_ms"] <= 0.5)
 
 
+def test_every_latency_is_timed_against_the_uncompressed_model_and_scaled_by_one_reference(
+        tiny_run):
+    out, data = tiny_run
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    reference = study.user_attrs["reference_latency_ms"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in done:
+        a = t.user_attrs
+        assert a["latency_ms"] == pytest.approx(a["latency_ratio"] * reference)
+        assert a["latency_source"]["reference_ms"] == reference
+        assert a["latency_raw_ms"] > 0
+    baseline = done[0].user_attrs  # the uncompressed model timed against itself
+    assert baseline["uncompressed"] and 0.5 < baseline["latency_ratio"] < 2.0
+    assert all(p["latency_source"]["reference_ms"] == reference for p in data["points"])
+
+
 def test_front_and_export_commands(tiny_run):
     out, data = tiny_run
     shown = subprocess.run([sys.executable, "-m", "search", "front", str(out)], env=cli_env(),

@@ -5,7 +5,8 @@ output against PyTorch's, then time the compiled artifact on the target."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,38 @@ from search.devices.target import Measurement
 
 @dataclass(frozen=True)
 class Latency:
-    """A measured latency: median over repeats, with the interquartile spread."""
+    """A measured latency: median over repeats, with the interquartile spread. Timed against an
+    anchor (the uncompressed model, interleaved round by round), it also carries the median of
+    the per-round ratios, which the load on the machine moves far less than either time."""
 
     median_ms: float
     p25_ms: float
     p75_ms: float
     repeats: int
     emulated_by: str | None = None  # e.g. "qemu-aarch64": NOT the device's real latency
+    ratio: float | None = None  # median over rounds of candidate / anchor, timed interleaved
+    ratio_p25: float | None = None
+    ratio_p75: float | None = None
+    anchor_ms: float | None = None  # the anchor's own median in those rounds
+    raw_ms: float | None = None  # once scaled: this process's own median
+
+    def scaled(self, reference_ms: float) -> Latency:
+        """The ratio times a reference latency of the anchor (the study's, measured once):
+        figures from processes under different load then agree (bench/RESULTS.md)."""
+        if self.ratio is None:
+            return self
+        return replace(self, median_ms=self.ratio * reference_ms, raw_ms=self.median_ms,
+                       p25_ms=self.ratio_p25 * reference_ms,
+                       p75_ms=self.ratio_p75 * reference_ms)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The model every candidate is timed against, round by round: compiled once per process
+    (its kernels are in the tuning database), with its inputs."""
+
+    executable: Any
+    example: Any
 
 
 @dataclass(frozen=True)
@@ -43,11 +69,12 @@ class Timed:
 
 def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target: Any = None,
                      settings: Measurement | None = None, atol: float = 1e-3,
-                     progress: Any | None = None) -> Timed:
+                     progress: Any | None = None, anchor: Anchor | None = None) -> Timed:
     """Compile `model` (with every input of `example`) with `compiler`, check its output against
     PyTorch's within `atol`, and time it on the target, holding the target's device lock (one
-    process at a time tunes and times on a device). TrialFailed says why a candidate failed,
-    also when a layer the policy made int8 does not compile to an int8 kernel."""
+    process at a time tunes and times on a device), interleaved with `anchor` when given.
+    TrialFailed says why a candidate failed, also when a layer the policy made int8 does not
+    compile to an int8 kernel."""
     target = target or compiler.spec
     int8_layers = sum(1 for m in model.modules() if getattr(m, "computes_in_int8", False))
     with torch.no_grad():
@@ -62,14 +89,26 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
                               f"layers did not lower to int8 kernels (TVM would compute them "
                               f"on widened int32 operands); not timed as int8")
         latency = run_and_time(compiled.executable, example, reference,
-                               settings or target.measurement, target.device(), atol=atol)
+                               settings or target.measurement, target.device(), atol=atol,
+                               anchor=anchor)
     source = Provenance.timed(target.name, compiled.tuned, compiled.tasks, latency.emulated_by)
     return Timed(latency, source, compiled, compile_s)
 
 
+def compile_anchor(model: torch.nn.Module, example: Any, compiler: Any,
+                   target: Any = None) -> Anchor:
+    """The anchor for this process: `model` compiled (under the device lock, tuning what the
+    database lacks, as any candidate)."""
+    target = target or compiler.spec
+    mod = to_relax(model.eval(), example)
+    with device_lock(target):
+        compiled = compiler.compile(mod)
+    return Anchor(compiled.executable, example)
+
+
 def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                  settings: Measurement, device: Device | None = None, atol: float = 1e-3,
-                 rtol: float = 1e-2) -> Latency:
+                 rtol: float = 1e-2, anchor: Anchor | None = None) -> Latency:
     """Run once and compare with `reference` (PyTorch's output), then time with the evaluator.
 
     On a device over RPC, a dropped session is retried once on a fresh one; a second failure
@@ -77,12 +116,13 @@ def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     """
     device = device or Device()
     if device.local:
-        return _run_and_time(executable, example, reference, settings, None, device, atol, rtol)
+        return _run_and_time(executable, example, reference, settings, None, device, atol, rtol,
+                             anchor)
     for attempt in (1, 2):
         try:
             session = device.session()
             return _run_and_time(executable, example, reference, settings, session, device,
-                                 atol, rtol)
+                                 atol, rtol, anchor)
         except TrialFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - a device drop: one retry, then a failed trial
@@ -99,17 +139,16 @@ def _first_line(exc: BaseException) -> str:
 
 def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                   settings: Measurement, session: Any, device: Device, atol: float,
-                  rtol: float) -> Latency:
+                  rtol: float, anchor: Anchor | None = None) -> Latency:
     import tvm
     from tvm import relax
 
-    if session is None:
-        dev, module = tvm.cpu(), executable
-        emulation = None
-    else:
-        dev, module = session.cpu(), device.load(session, executable)
-        emulation = device.emulation(session)
-    vm = relax.VirtualMachine(module, dev)
+    def load(exe: Any, name: str) -> Any:
+        return exe if session is None else device.load(session, exe, name)
+
+    dev = tvm.cpu() if session is None else session.cpu()
+    emulation = None if session is None else device.emulation(session)
+    vm = relax.VirtualMachine(load(executable, "candidate"), dev)
     xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(example)]
     try:
         out = vm["main"](*xs).numpy()
@@ -122,15 +161,36 @@ def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     if out.shape != ref.shape or not np.allclose(out, ref, atol=atol, rtol=rtol):
         err = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("nan")
         raise TrialFailed(f"compiled output differs from PyTorch (max abs error {err:.3g})")
-    timer = vm.time_evaluator("main", dev, number=settings.number, repeat=1,
-                              min_repeat_ms=settings.min_repeat_ms)
-    timer(*xs)  # warm-up: caches, page faults, thread pool
-    samples = []
-    for _ in range(settings.repeat):
-        samples.append(timer(*xs).mean * 1e3)
+    timer = _timer(vm, dev, settings, xs)
+    anchor_timer = None
+    if anchor is not None:
+        anchor_vm = relax.VirtualMachine(load(anchor.executable, "anchor"), dev)
+        anchor_xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(anchor.example)]
+        anchor_timer = _timer(anchor_vm, dev, settings, anchor_xs)
+    samples, anchors = [], []
+    for _ in range(settings.repeat):  # NOTE: round by round, so both see the same load
+        if anchor_timer is not None:
+            anchors.append(anchor_timer())
+        samples.append(timer())
         if settings.cooldown_ms:
             time.sleep(settings.cooldown_ms / 1e3)
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
-    return Latency(float(med), float(p25), float(p75), len(samples), emulation)
+    if not anchors:
+        return Latency(float(med), float(p25), float(p75), len(samples), emulation)
+    r25, r50, r75 = np.percentile(np.array(samples) / np.array(anchors), [25, 50, 75])
+    return Latency(float(med), float(p25), float(p75), len(samples), emulation,
+                   float(r50), float(r25), float(r75), float(np.median(anchors)))
+
+
+def _timer(vm: Any, dev: Any, settings: Measurement, xs: list[Any]) -> Callable[[], float]:
+    """One round's time in ms (settings.number runs, at least min_repeat_ms), warmed up.
+
+    NOTE: TVM's cache flush (f_preproc="cache_flush_cpu_non_first_arg") evicts the call's
+    arguments; our weights are constants inside the library, not arguments, so it would flush
+    only the input. Agreement between processes comes from the anchor instead."""
+    evaluator = vm.time_evaluator("main", dev, number=settings.number, repeat=1,
+                                  min_repeat_ms=settings.min_repeat_ms)
+    evaluator(*xs)  # warm-up: caches, page faults, thread pool
+    return lambda: evaluator(*xs).mean * 1e3
 
 

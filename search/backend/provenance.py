@@ -3,7 +3,7 @@ front.json, the per-layer table, `search show`), so a user always reads how it w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 METHODS = ("measured", "emulated", "predicted")
@@ -30,6 +30,9 @@ class Provenance:
     target: str
     tuning: str
     emulator: str | None = None  # the emulator, when method is "emulated"
+    # timed round by round against the uncompressed model: the figure is the median ratio
+    # times this reference latency of it (ms), the study's, measured once
+    reference_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -42,6 +45,9 @@ class Provenance:
         return cls("emulated" if emulated_by else "measured", target, tuning_label(tuned, tasks),
                    emulated_by)
 
+    def scaled(self, reference_ms: float) -> Provenance:
+        return replace(self, reference_ms=float(reference_ms))
+
     @property
     def estimate(self) -> bool:
         return self.method == "predicted"
@@ -50,7 +56,9 @@ class Provenance:
     def label(self) -> str:
         """Short text for tables and CSV, e.g. measured:host:tuned."""
         how = f"emulated({self.emulator})" if self.method == "emulated" else self.method
-        return f"{how}:{self.target}:{self.tuning}"
+        ratio = "" if self.reference_ms is None else \
+            f" (ratio to uncompressed x {self.reference_ms:.3f} ms)"
+        return f"{how}:{self.target}:{self.tuning}{ratio}"
 
     def __str__(self) -> str:
         return self.label
@@ -72,4 +80,4 @@ class Provenance:
         if not isinstance(data, dict):
             raise ValueError(f"a latency provenance is a mapping, got {type(data).__name__}")
         return cls(str(data["method"]), str(data["target"]), str(data["tuning"]),
-                   data.get("emulator"))
+                   data.get("emulator"), data.get("reference_ms"))

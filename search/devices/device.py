@@ -96,13 +96,13 @@ class Device:
         except Exception:  # noqa: BLE001 - a real device has no such function
             return None
 
-    def load(self, session: Any, executable: Any) -> Any:
+    def load(self, session: Any, executable: Any, name: str = "candidate") -> Any:
         """Export the compiled module for the device, upload it, load it there."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "candidate.so"
+            path = Path(tmp) / f"{name}.so"
             if self.cross_compiler:
                 executable.export_library(str(path), cc=self.cross_compiler)
             else:
                 executable.export_library(str(path))
             session.upload(str(path))
-        return session.load_module("candidate.so")
+        return session.load_module(f"{name}.so")

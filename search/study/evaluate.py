@@ -12,7 +12,7 @@ from torch import nn
 
 from search.backend.compile import Compiler, to_relax
 from search.backend.latency_table import LatencyTable, deployed_form
-from search.backend.measure import Latency, compile_and_time
+from search.backend.measure import Anchor, Latency, compile_anchor, compile_and_time
 from search.backend.provenance import Provenance
 from search.compress.build import apply_precision, output_tolerance, restructure
 from search.compress.policy import Policy
@@ -58,9 +58,21 @@ class Evaluator:
         # predicted latency while searching: a per-layer table next to the tuning database
         self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
             else None
+        self._anchor: Anchor | None = None
+        # the study's reference latency of the uncompressed model (ms): the caller sets it from
+        # the study; None until one candidate was timed, whose anchor time then becomes it
+        self.reference_ms: float | None = None
         # the last candidate's fine-tuned weights before precision is applied (fp32, training
         # transforms attached): what `search finetune` continues from
         self.trainable: dict[str, torch.Tensor] | None = None
+
+    def anchor(self) -> Anchor | None:
+        """The uncompressed model, compiled once per process, that candidates are timed against
+        (config `interleave`)."""
+        if self.config.interleave and self._anchor is None:
+            self._anchor = compile_anchor(self.task.model, self.task.example, self.compiler,
+                                          self.target)
+        return self._anchor
 
     def __call__(self, policy: Policy, progress: Any | None = None,
                  hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
@@ -105,13 +117,19 @@ class Evaluator:
                                known.total, known.by_dtype, finetune_s, table_s,
                                0.0, len(predicted.per_layer), 0), model
 
+        anchor = self.anchor()
         timed = compile_and_time(model, task.example, self.compiler, self.target,
-                                 atol=output_tolerance(policy), progress=progress)
-        latency, compiled = timed.latency, timed.compiled
+                                 atol=output_tolerance(policy), progress=progress,
+                                 anchor=anchor)
+        latency, compiled, source = timed.latency, timed.compiled, timed.source
+        if latency.ratio is not None:
+            if self.reference_ms is None:
+                self.reference_ms = latency.anchor_ms
+            latency, source = latency.scaled(self.reference_ms), source.scaled(self.reference_ms)
         if self.table is not None:  # the uncompressed model: a record for the residual
             self.table.record_whole(model, task.example, latency.median_ms, family=task.name,
                                     note="uncompressed")
-        return TrialResult(val_accuracy, test_accuracy, latency, timed.source, stats,
+        return TrialResult(val_accuracy, test_accuracy, latency, source, stats,
                            compiled.weights.total, compiled.weights.by_dtype, finetune_s,
                            timed.compile_s,
                            compiled.tuning_s, compiled.tasks, compiled.new_tasks), model

@@ -123,6 +123,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             return reuse(trial, twin, trial_dir)
         trial.set_user_attr("uncompressed", all(lp.is_identity for lp in policy.layers.values()))
         curve: dict[str, float] = {}
+        evaluator.reference_ms = trial.study.user_attrs.get(REFERENCE)
         hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
         result, model = evaluator(policy, progress, hopeless, curve)
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
@@ -136,6 +137,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "latency_p25_ms": result.latency.p25_ms,
             "latency_p75_ms": result.latency.p75_ms,
             "latency_repeats": result.latency.repeats,
+            "latency_ratio": result.latency.ratio,  # to the uncompressed, timed interleaved
+            "latency_raw_ms": result.latency.raw_ms,  # this process's own median
             "latency_source": result.latency_source.to_dict(),
             "params": result.stats.params,
             "flops": result.stats.flops,
@@ -153,12 +156,18 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if REFERENCE not in trial.study.user_attrs and evaluator.reference_ms is not None:
+            trial.study.set_user_attr(REFERENCE, evaluator.reference_ms)
+            trial.study.set_user_attr(REFERENCE + "_trial", trial.number)
         (trial_dir / "result.json").write_text(json.dumps(
             {**attrs, "policy": policy.to_dict()}, indent=1))
         trial.set_constraint("latency_budget_ms", result.latency.median_ms - budget_ms)
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
     return objective
+
+
+REFERENCE = "reference_latency_ms"  # study attr: the uncompressed model's latency ratios scale
 
 
 def evaluated_twin(study: optuna.Study, number: int, params: dict[str, Any]

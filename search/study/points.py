@@ -12,7 +12,6 @@ import optuna
 from search.backend.provenance import Provenance
 from search.compress.policy import Policy
 
-
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial that reused an earlier one's figures
 
 
