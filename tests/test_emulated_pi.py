@@ -77,7 +77,8 @@ def test_search_run_on_an_emulated_pi_is_labelled_emulated(emulated_pi, tmp_path
     assert front["emulated"] is True and front["trials"]["complete"] == 3
     for p in front["points"]:  # never reported as Pi latency
         assert p["latency_source"] == {"method": "emulated", "target": "raspberry-pi",
-                                      "tuning": "untuned", "emulator": "qemu-aarch64"}
+                                      "tuning": "untuned", "emulator": "qemu-aarch64",
+                                      "reference_ms": p["latency_source"]["reference_ms"]}
     assert "EMULATED" in result.stdout
     # the uploaded libraries were aarch64, and their outputs matched PyTorch (else failed trials)
     assert front["trials"]["failed"] == []

@@ -28,14 +28,16 @@ from torch import nn
 from search.compress.knob import BuildContext, Knob, LayerInfo
 from search.core.data import Batch, Inputs, Loss, Split, as_inputs, call, cross_entropy
 from search.core.errors import TrialFailed
+from search.core.granularity import granularity
 
 IMPORTANCES = ("l2", "taylor", "fisher")  # how the channels that go are chosen
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # fraction of output channels removed
-CHANNEL_MULTIPLE = 8  # ranks and channel counts are rounded to this so tuned kernels repeat
 
 
-def round_channels(n: float, multiple: int = CHANNEL_MULTIPLE) -> int:
-    """Round to a multiple (at least one multiple), so compiled workloads repeat across trials."""
+def round_channels(n: float, multiple: int | None = None) -> int:
+    """Round to a multiple (at least one multiple), so compiled workloads repeat across trials;
+    by default the target's channel granularity (search.core.granularity)."""
+    multiple = multiple or granularity().channels
     return max(multiple, int(n / multiple + 0.5) * multiple)  # half up, not banker's
 
 GRADIENT_IMPORTANCES = ("taylor", "fisher")
@@ -53,7 +55,7 @@ class ChannelGroup:
     @property
     def multiple(self) -> int:
         """Kept channels are a multiple of this: the kernel-friendly multiple and conv groups."""
-        return math.lcm(CHANNEL_MULTIPLE, self.conv_groups)
+        return math.lcm(granularity().channels, self.conv_groups)
 
 
 def _is_root_layer(m: nn.Module) -> bool:
@@ -189,13 +191,13 @@ def channel_groups(model: nn.Module, example: Inputs) -> dict[str, int]:
     return {root: info.channels for root, info in group_details(model, example).items()}
 
 
-def kept_channels(n: int, sparsity: float, multiple: int = CHANNEL_MULTIPLE) -> int:
+def kept_channels(n: int, sparsity: float, multiple: int | None = None) -> int:
     """Channels a group keeps: rounded to the multiple (fast kernels), never more than n."""
     return min(round_channels(n * (1 - sparsity), multiple), n)
 
 
 def sparsity_choices(channels: int, sparsities: tuple[float, ...],
-                     multiple: int = CHANNEL_MULTIPLE) -> tuple[float, ...]:
+                     multiple: int | None = None) -> tuple[float, ...]:
     """The sparsities that give distinct kept counts (0.0 first): a root's sparsity knob."""
     seen, result = {channels}, [0.0]
     for s in sparsities:

@@ -16,6 +16,7 @@ from torch import nn
 
 from search.compress.channels import round_channels
 from search.compress.knob import BuildContext, Knob, LayerInfo, set_module
+from search.core.granularity import granularity
 
 RANK_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # kept fraction of min(in, out); 1.0 = not factorized
 THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8)  # soft threshold on singular values (x their mean); 0 = off
@@ -95,7 +96,7 @@ def factorized_rank(layer: nn.Module, ratio: float, split: str = "channel") -> i
         full = min(n_out, n_in * layer.kernel_size[0] * layer.kernel_size[1])
     else:
         full = min(n_out, n_in)
-    return min(round_channels(full * ratio), full)
+    return min(round_channels(full * ratio, granularity().rank), full)
 
 
 def soft_threshold_rank(singular: torch.Tensor, tau: float) -> int:
@@ -120,7 +121,8 @@ def soft_threshold_rank(singular: torch.Tensor, tau: float) -> int:
 def threshold_rank(layer: nn.Module, tau: float, split: str = "channel") -> int:
     """The rank soft thresholding keeps for this layer, rounded to the channel multiple."""
     singular = spectrum(weight_matrix(layer, split))
-    return min(round_channels(soft_threshold_rank(singular, tau)), len(singular))
+    return min(round_channels(soft_threshold_rank(singular, tau), granularity().rank),
+               len(singular))
 
 
 def factorized(lp: object) -> bool:
@@ -262,7 +264,8 @@ class Threshold(Knob):
         singular = spectrum(weight_matrix(layer.module))
         return _distinct_smaller(
             layer.module, self.values,
-            lambda tau: min(round_channels(soft_threshold_rank(singular, tau)), len(singular)))
+            lambda tau: min(round_channels(soft_threshold_rank(singular, tau),
+                                           granularity().rank), len(singular)))
 
     def label(self, lp: object) -> str:
         return f"t{lp.threshold:g}" if lp.threshold > 0 else ""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from search.core.errors import UserError
+from search.core.granularity import Granularity
 from search.devices.device import SERVER_HINT, Device
 
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
@@ -37,6 +38,9 @@ class TargetSpec:
     tracker: str | None = None  # HOST:PORT of a TVM RPC tracker (a pool of devices) ...
     key: str | None = None  # ... and the key its devices registered with
     measurement: Measurement = field(default_factory=Measurement)
+    # channel counts and ranks are multiples of these on this target: bounds the kernel shapes
+    # a search can produce (the kernel library, `search tune`, covers them)
+    granularity: Granularity = field(default_factory=Granularity)
 
     def device(self) -> Device:
         return Device(self.rpc, self.tracker, self.key, self.cross_compiler)
@@ -132,12 +136,19 @@ def parse_target(path: Path) -> TargetSpec:
         raise UserError(f"{where}: measurement must be a mapping (number, repeat, "
                         f"min_repeat_ms, cooldown_ms); got {timing!r}")
     check_fields(Measurement, timing, f"{where}: measurement")
+    grain = data.pop("granularity", None) or {}
+    if not isinstance(grain, dict):
+        raise UserError(f"{where}: granularity must be a mapping {{channels: 8, rank: 8}}; got "
+                        f"{grain!r}")
+    check_fields(Granularity, grain, f"{where}: granularity")
+    if any(v < 1 for v in grain.values()):
+        raise UserError(f"{where}: granularity values must be >= 1; got {grain!r}")
     check_fields(TargetSpec, data, where)
     if not isinstance(data.get("tvm_target"), str | dict):
         raise UserError(f"{where}: tvm_target must be a TVM tag (a string) or the JSON-dict "
                         f"form {{kind: llvm, mtriple: ..., mcpu: ...}}; got "
                         f"{data.get('tvm_target')!r}")
-    spec = TargetSpec(measurement=Measurement(**timing), **data)
+    spec = TargetSpec(measurement=Measurement(**timing), granularity=Granularity(**grain), **data)
     m = spec.measurement
     if spec.threads < 1 or m.number < 1 or m.repeat < 1 or m.min_repeat_ms < 0 \
             or m.cooldown_ms < 0:

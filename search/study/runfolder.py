@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 from search.core.errors import UserError
+from search.core.granularity import use_granularity
 from search.core.settings import yaml_problem
 from search.core.task import cache_dir
 from search.devices.target import TargetSpec, load_target
@@ -34,7 +35,11 @@ class RunInfo:
     study: str = STUDY_NAME
 
     def load_target(self) -> TargetSpec:
-        return load_target(self.target).with_device(**self.device)
+        """The run's target; its channel and rank granularity then holds in this process (every
+        model the run builds or rebuilds rounds to it)."""
+        target = load_target(self.target).with_device(**self.device)
+        use_granularity(target.granularity)
+        return target
 
     def url(self, run_dir: Path) -> str:
         return storage_url(run_dir, self.storage)
