@@ -28,6 +28,7 @@ examples:
   search show runs/host-5ms 7 --latency          # trial 7 layer by layer, each layer timed
   search compare runs/host-5ms runs/host-5ms-b   # two fronts: hypervolume, points dominated
   search targets                                 # devices this checkout knows
+  search tune --target host --budget 30m         # the kernel library: later trials rarely tune
   search sweep configs/nightly.yaml              # nightly jobs + dated report; exit 3: regression
   optuna-dashboard sqlite:///runs/host-5ms/study.db   # browse every trial
 """
@@ -116,6 +117,26 @@ def _parser() -> argparse.ArgumentParser:
                           help="extra fine-tune steps [default: 500]")
 
     sub.add_parser("targets", help="list the devices a run can target, and how each is reached")
+
+    tune = sub.add_parser(
+        "tune", help="build a target's kernel library ahead of time (trials then rarely tune)",
+        description="Tune, into the target's tuning database (shared by every run and sweep on "
+                    "it), the kernels the task's search space produces: every uniform policy "
+                    "and --samples random ones are built at the target's channel and rank "
+                    "granularity, their fused kernels extracted and tuned largest estimated "
+                    "share of the latency first, until --budget is spent. Run it again to go on.",
+        epilog="examples:\n  search tune --target host --budget 30m\n"
+               "  search tune --target host --config configs/default.yaml --samples 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_argument("--target", default="host", help="device name or target YAML [host]")
+    tune.add_argument("--task", metavar="MODULE:FUNCTION",
+                      help="the task [default: the config's, search.tasks:mobilenet_v2]")
+    tune.add_argument("--config", type=Path, help="search config YAML (knobs, choices, "
+                                                   "tune_trials_per_task)")
+    tune.add_argument("--samples", type=int, default=24,
+                      help="random policies sampled besides the uniform ones [default: 24]")
+    tune.add_argument("--budget", help="stop starting new kernels after this long: 600, 20m, "
+                                       "2h [default: until every kernel is tuned]")
 
     show = sub.add_parser("show", help="a trial layer by layer: knobs, params and bytes before "
                                        "-> after, per-layer latency, sensitivity")
@@ -269,6 +290,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from search.jobs.tune import tune_target
+    from search.study.config import SearchConfig, parse_timeout_s
+
+    config = SearchConfig.load(args.config)
+    if args.task:
+        config = dataclasses.replace(config, task=args.task)
+    config.check("settings")
+    budget = None if args.budget is None else parse_timeout_s(args.budget)
+    report = tune_target(args.target, config, args.samples, budget)
+    print(report.summary())
+    return 0
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from search.devices.target import available, load_target
 
@@ -293,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     handler = {"run": _cmd_run, "front": _cmd_front, "export": _cmd_export,
                "finetune": _cmd_finetune,
-               "targets": _cmd_targets, "worker": _cmd_worker,
+               "targets": _cmd_targets, "worker": _cmd_worker, "tune": _cmd_tune,
                "sweep": _cmd_sweep, "show": _cmd_show, "compare": _cmd_compare}[args.command]
     try:
         return handler(args)

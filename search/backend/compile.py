@@ -174,6 +174,43 @@ class Compiler:
             measure_callbacks=callbacks,
         )
 
+    def kernels_of(self, mod: Any) -> list[Any]:
+        """The tunable kernels (MetaSchedule tasks) `compile` would build for `mod`: the same
+        layout, int8 and fusion passes, so a kernel tuned from here is the one a trial meets."""
+        from tvm.s_tir import meta_schedule as ms
+
+        from search.backend.int8 import lower_int8
+
+        fused = _fused(lower_int8(cpu_layout(mod), target=self.target), self.target)
+        return list(ms.relax_integration.extract_tasks(fused, self.target))
+
+    def tune(self, kernels: list[Any], progress: Any | None = None) -> int:
+        """Tune, in one MetaSchedule session, the kernels (deduplicated by workload) that the
+        database lacks; under the database's lock. Returns how many were tuned."""
+        from tvm_ffi import structural_hash
+
+        from search.devices.lock import file_lock
+
+        if not self.can_tune or not kernels:
+            return 0
+        with file_lock(self.db_dir / ".lock"):
+            self.database = self._open_database()  # records of parallel workers too
+            todo, seen = [], set()
+            for task in kernels:
+                digest = structural_hash(task.dispatched[0])
+                if digest not in seen and not self._has_record(task):
+                    seen.add(digest)
+                    todo.append(task)
+            if todo:
+                if progress is not None:
+                    progress.reset(total=len(todo) * self.trials_per_task)
+                    progress.set_description(f"tuning {len(todo)} kernels")
+                start = time.perf_counter()
+                self._tune(todo, progress)
+                self.tuning_s_total += time.perf_counter() - start
+                self.tasks_tuned_total += len(todo)
+        return len(todo)
+
     def weight_bytes(self, mod: Any) -> WeightBytes:
         """What the library of `mod` would carry, without tuning or building it (a candidate
         whose latency is predicted still reports the artifact's size)."""

@@ -376,37 +376,11 @@ def tune_together(compiler: Any, mods: list[Any], progress: Any | None = None) -
     kernels that dominate latency up to 4n: the table then holds under-tuned big ops (measured:
     the digits model's 5120x5120 Linear took 16.4 ms alone vs 13.6 ms for the whole model) and,
     since the database is shared, so do later whole-model compiles. Tuning a candidate's new ops
-    together gives them the budget split they get in the whole model. Uses the Compiler's
-    internals (same passes, database, lock and workers); a public `Compiler.tune(mods)` would
-    replace this.
+    together gives them the budget split they get in the whole model.
     """
-    from tvm.s_tir import meta_schedule as ms
-    from tvm_ffi import structural_hash
-
-    from search.backend.compile import _fused
-    from search.backend.int8 import lower_int8
-
     if not compiler.can_tune or not mods:
         return 0
-    with file_lock(compiler.db_dir / ".lock"):
-        compiler.database = compiler._open_database()  # records of parallel workers too
-        tasks, seen = [], set()
-        for mod in mods:
-            fused = _fused(lower_int8(mod, target=compiler.target), compiler.target)
-            for task in ms.relax_integration.extract_tasks(fused, compiler.target):
-                digest = structural_hash(task.dispatched[0])
-                if digest not in seen and not compiler._has_record(task):
-                    seen.add(digest)
-                    tasks.append(task)
-        if tasks:
-            if progress is not None:
-                progress.reset(total=len(tasks) * compiler.trials_per_task)
-                progress.set_description(f"tuning {len(tasks)} new layer kernels")
-            start = time.perf_counter()
-            compiler._tune(tasks, progress)
-            compiler.tuning_s_total += time.perf_counter() - start
-            compiler.tasks_tuned_total += len(tasks)
-    return len(tasks)
+    return compiler.tune([k for mod in mods for k in compiler.kernels_of(mod)], progress)
 
 
 def deployed_form(model: nn.Module, policy: Any,
