@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 _LOG = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def cpu_layout(mod: Any) -> Any:
     )
 
     mod = FoldBatchnormToConv2D()(mod)
-    mod = relax.transform.FoldConstant()(mod)  # (before ConvertLayout: it needs the folded form)
+    mod = fold_constants(mod)  # (before ConvertLayout: it needs the folded form)
     mod = _clip_as_min_max(mod)
     mod = _fast_gelu(mod)
     try:
@@ -41,8 +43,75 @@ def cpu_layout(mod: Any) -> Any:
         # on a factorized patch embedding): an optimization, so the graph compiles as imported
         _LOG.warning("ConvertLayout failed (%s); compiling in NCHW", str(exc).splitlines()[-1])
         return relax.transform.CanonicalizeBindings()(mod)
-    converted = relax.transform.FoldConstant()(converted)
+    converted = fold_constants(converted)
     return relax.transform.CanonicalizeBindings()(converted)
+
+
+_NUMPY_OPS = {
+    "relax.add": lambda a, b: a + b, "relax.subtract": lambda a, b: a - b,
+    "relax.multiply": lambda a, b: a * b, "relax.divide": lambda a, b: a / b,
+    "relax.sqrt": lambda a: np.sqrt(a), "relax.rsqrt": lambda a: 1 / np.sqrt(a),
+    "relax.negative": lambda a: -a,
+}
+
+
+def fold_constants(mod: Any) -> Any:
+    """relax.FoldConstant, with the arithmetic of constant weights done in numpy first.
+
+    NOTE: FoldConstant evaluates each constant subexpression by building it with LLVM: on the
+    default task (BatchNorms folded into 52 convs, then their weights transposed to HWIO) that
+    was 17 s of every compile, most of a trial once its kernels are tuned. The elementwise ops,
+    reshapes and transposes BatchNorm folding and ConvertLayout leave are computed here in
+    float32 numpy instead (same rounding: one op at a time, in the tensors' dtype); anything
+    else is left to FoldConstant."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def value(expr: Any, fold: Any) -> np.ndarray | float | None:
+        if isinstance(expr, relax.Var):
+            expr = fold.lookup_binding(expr)
+        if isinstance(expr, tvm.ir.expr.Constant):  # a tensor, or a scalar (T.float32(1e-5))
+            v = expr.value
+            return v.numpy() if hasattr(v, "numpy") else v
+        if isinstance(expr, tvm.tirx.FloatImm | tvm.tirx.IntImm):
+            return expr.value
+        return None
+
+    @mutator
+    class Fold(PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            name = call.op.name
+            if name not in _NUMPY_OPS and name not in ("relax.reshape", "relax.permute_dims"):
+                return call
+            data = value(call.args[0], self)
+            if not isinstance(data, np.ndarray):
+                return call
+            dtype = data.dtype
+            if name == "relax.reshape":
+                if not isinstance(call.args[1], relax.ShapeExpr):
+                    return call
+                out = data.reshape([int(v) for v in call.args[1].values])
+            elif name == "relax.permute_dims":
+                axes = call.attrs.axes
+                out = np.transpose(data, None if axes is None else [int(a) for a in axes])
+            else:
+                args = [data] + [value(a, self) for a in call.args[1:]]
+                if any(a is None for a in args):
+                    return call
+                out = _NUMPY_OPS[name](*[a if isinstance(a, np.ndarray) else dtype.type(a)
+                                         for a in args])
+            return relax.const(np.ascontiguousarray(out).astype(dtype, copy=False))
+
+    fold = Fold(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fold.builder_.update_func(gv, fold.visit_expr(func))
+    mod = relax.transform.DeadCodeElimination()(fold.builder_.get())
+    return relax.transform.FoldConstant()(mod)
 
 
 def _rewrite_calls(mod: Any, op_name: str, rewrite: Any) -> Any:
