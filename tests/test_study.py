@@ -74,6 +74,11 @@ def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
     assert {k: v for k, v in study.trials[1].params.items() if k.endswith(".rank")} == \
         {f"{n}.rank": lp.rank for n, lp in want.layers.items()}
     assert any(v < 1.0 for k, v in study.trials[1].params.items() if k.endswith(".rank"))
+    # then the integer program's seeds (least summed sensitivity under each cost limit)
+    ip = [t for t in study.trials if str(t.user_attrs.get("seed", "")).startswith("ip:")]
+    solutions = study.user_attrs["ip_seeds"]
+    assert solutions and len(ip) == min(len(solutions), 2)  # room: 6 trials, 4 uniform seeds
+    assert [t.number for t in ip] == list(range(4, 4 + len(ip)))
     # the budget is an Optuna constraint: a trial is feasible iff within the budget
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:

@@ -59,6 +59,12 @@ class SearchConfig:
         {"sparsity": 0.25},  # a light uniform cut: a strong reference (bench/RESULTS.md 9.2)
         {"bits": 8},  # every layer int8 (weights; Linears compute in int8)
     ])  # uniform policies evaluated first, so the front always has reference points
+    # integer-program seeds (search.study.allocate): the per-layer choice losing the least
+    # accuracy (sensitivity table) under each of these fractions of the uncompressed model's
+    # estimated cost, enqueued after `seeds`; [] or sensitivity off: none
+    ip_seeds: list[float] = field(default_factory=lambda: [0.45, 0.6, 0.75])
+    ip_size: float | None = None  # and weights at most this fraction of the uncompressed bytes
+    ip_per: str = "layer"  # layer | block: one choice per block (large models)
 
     @classmethod
     def load(cls, path: Path | None) -> SearchConfig:
@@ -135,6 +141,12 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise UserError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}; got "
                             f"{self.sampler!r}")
+        if self.ip_per not in ("layer", "block"):
+            raise UserError(f"{where}: ip_per must be layer or block; got {self.ip_per!r}")
+        if any(not 0 < f <= 1 for f in self.ip_seeds) or \
+                (self.ip_size is not None and not 0 < self.ip_size <= 1):
+            raise UserError(f"{where}: ip_seeds and ip_size are fractions in (0, 1]; got "
+                            f"{self.ip_seeds}, {self.ip_size}")
         if self.latency not in ("measured", "predicted"):
             raise UserError(f"{where}: latency must be measured or predicted; got "
                             f"{self.latency!r}")

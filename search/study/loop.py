@@ -32,6 +32,7 @@ from search.compress.space import LayerSpace, derive_space, uniform
 from search.core.errors import InternalError, TrialFailed, UserError
 from search.core.task import Task
 from search.devices.target import TargetSpec
+from search.study.allocate import allocate
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
@@ -236,6 +237,7 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             enqueue_seeds(study, space, config, only_baseline=True)
     else:
         space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
+        seeds: list[Any] = []  # integer-program seeds (they need the sensitivity table)
         if config.sensitivity:
             sens = measure_sensitivity(task, space, config.knobs, seed=config.seed,
                                        progress=progress)
@@ -244,12 +246,27 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             say(sensitivity_table(sens))
             if config.sensitivity_max_drop is not None:
                 space = narrow_space(space, sens, config.sensitivity_max_drop)
+            seeds = allocate(task.model, task.example, space, config.knobs, sens,
+                             config.ip_seeds, config.ip_size, config.ip_per) \
+                if config.ip_seeds else []
+            study.set_user_attr("ip_seeds", [
+                {"latency_fraction": a.latency_fraction, "predicted_drop": a.predicted_drop,
+                 "cost_fraction_estimate": a.cost_fraction, "bytes_fraction": a.bytes_fraction}
+                for a in seeds])
+            for a in seeds:
+                say(f"integer-program seed for {a.latency_fraction:.0%} of the estimated cost: "
+                    f"summed sensitivity {a.predicted_drop:+.3f}, weights "
+                    f"{a.bytes_fraction:.0%} of the uncompressed")
         with warnings.catch_warnings():  # "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["val_accuracy", "latency_ms", "size_bytes"])  # dashboards
         study.set_user_attr("run", run_info)
         study.set_user_attr("space", [ls.to_dict() for ls in space])
         enqueue_seeds(study, space, config)
+        room = config.trials - len(config.seeds)
+        for a in seeds[:max(room, 0)]:
+            study.enqueue_trial(policy_params(a.policy, config.knobs), skip_if_exists=True,
+                                user_attrs={"seed": f"ip:{a.latency_fraction:g}"})
     (run_dir / "space.json").write_text(json.dumps([ls.to_dict() for ls in space], indent=1))
     return study, space
 

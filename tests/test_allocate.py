@@ -1,0 +1,71 @@
+"""Integer-program seeds: the per-layer choice losing the least (sensitivity) under a cost limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.compress.space import derive_space
+from search.study.allocate import PRECISION_COST, _option_cost, _shapes, allocate, block_of
+from search.study.sensitivity import LayerSensitivity, Sensitivity
+
+KNOBS = ["rank", "sparsity", "bits"]
+
+
+def _table(space, harsh: dict[tuple[str, str, object], float]) -> Sensitivity:
+    """Every (layer, knob, value) harmless except those in `harsh` (drop)."""
+    entries = [LayerSensitivity(ls.name, k, v, harsh.get((ls.name, k, v), 0.001 * i), None, 0.9)
+               for ls in space for k in KNOBS for i, v in enumerate(ls.choices(k)) if i > 0]
+    return Sensitivity(0.9, entries)
+
+
+@pytest.fixture(scope="module")
+def tiny_space(tiny_task):
+    return derive_space(tiny_task.model, tiny_task.example, None, KNOBS)
+
+
+def _estimate(task, space, policy) -> float:
+    modules = dict(task.model.named_modules())
+    positions = _shapes(task.model, task.example, [ls.name for ls in space])
+    return sum(_option_cost(modules[n], positions[n], lp)[0] for n, lp in policy.layers.items())
+
+
+def test_each_solution_keeps_its_limit_and_spends_accuracy_where_it_is_cheapest(
+        tiny_task, tiny_space):
+    first = tiny_space[0].name
+    harsh = {(first, "bits", 8): 0.5, (first, "bits", 16): 0.5}  # the first layer hates bits
+    sens = _table(tiny_space, harsh)
+    sols = allocate(tiny_task.model, tiny_task.example, tiny_space, KNOBS, sens,
+                    [0.3, 0.6, 1.0])
+    assert sols, "no solution"
+    full = _estimate(tiny_task, tiny_space, sols[-1].policy.__class__(
+        {ls.name: sols[-1].policy.layers[ls.name].replace(rank=1.0, sparsity=0.0, bits=32)
+         for ls in tiny_space}))
+    drops = []
+    for a in sols:
+        cost = _estimate(tiny_task, tiny_space, a.policy)
+        assert cost <= a.latency_fraction * full * (1 + 1e-9)  # the limit holds
+        assert a.cost_fraction == pytest.approx(cost / full)
+        drops.append(a.predicted_drop)
+        assert a.policy.layers[first].bits == 32  # never the harsh choice: others are cheaper
+    assert drops == sorted(drops, reverse=True)  # a looser limit never loses more
+    assert min(drops) == pytest.approx(0.0, abs=1e-12)  # no limit: nothing compressed
+
+
+def test_a_limit_no_choice_meets_gives_no_seed(tiny_task, tiny_space):
+    sens = _table(tiny_space, {})
+    assert allocate(tiny_task.model, tiny_task.example, tiny_space, KNOBS, sens, [1e-6]) == []
+
+
+def test_per_block_gives_every_layer_of_a_block_one_choice(tiny_task, tiny_space):
+    assert block_of("features.3.conv.0.0") == "features.3" and block_of("fc1") == "fc1"
+    sens = _table(tiny_space, {})
+    for a in allocate(tiny_task.model, tiny_task.example, tiny_space, KNOBS, sens, [0.5],
+                      per="block"):
+        by_block = {}
+        for name, lp in a.policy.layers.items():
+            by_block.setdefault(block_of(name), set()).add((lp.rank, lp.sparsity, lp.bits))
+        assert all(len(v) == 1 for v in by_block.values())
+
+
+def test_int8_is_estimated_cheaper_and_16_bit_not_cheaper():
+    assert PRECISION_COST[8] < PRECISION_COST[32] <= PRECISION_COST[16]
