@@ -297,3 +297,21 @@ def test_a_policy_proposed_again_reuses_its_figures_and_is_listed_once(tmp_path)
     assert again.user_attrs["compile_s"] == first.user_attrs["compile_s"]  # nothing rebuilt
     assert not (out / "trials" / "0003" / "model.pt").exists()
     assert [p["trial"] for p in data["points"]].count(3) == 0  # the front lists it once
+
+
+def test_a_promising_candidate_is_fine_tuned_longer_and_says_so(tmp_path):
+    out = tmp_path / "r"
+    run_tiny(out, budget_ms=1e6, trials=3, seeds=[{}, {"bits": 8}, {"rank": 0.25}],
+             sensitivity=False, recover_steps=7, recover_margin=1.0)  # every one is promising
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    base, *compressed = study.trials
+    assert base.user_attrs["recovered_steps"] == 0  # the uncompressed model is not fine-tuned
+    for t in compressed:
+        a = t.user_attrs
+        assert a["recovered_steps"] == 7 and a["short_val_accuracy"] is not None
+        assert t.values[0] == a["val_accuracy"]  # the sampler learns the final figure
+    strict = tmp_path / "s"
+    run_tiny(strict, budget_ms=1e-6, trials=2, seeds=[{}, {"bits": 8}], sensitivity=False,
+             recover_steps=7)  # nothing within the budget: nothing earns more steps
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{strict / 'study.db'}")
+    assert all(t.user_attrs["recovered_steps"] == 0 for t in study.trials)

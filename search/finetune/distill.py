@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,19 @@ def _distill(student: nn.Module, teacher: Teacher, data: Split, options: Finetun
         if on_step is not None:
             on_step(step + 1)
     return student.eval()
+
+
+def resume_distill(base: nn.Module, policy: Policy, example: Any,
+                   state: dict[str, torch.Tensor], teacher: Teacher, data: Split,
+                   options: FinetuneOptions, loss_fn: Loss = cross_entropy, seed: int = 1
+                   ) -> nn.Module:
+    """`options.steps` more steps from a fine-tune's saved weights (`state`, fp32, training
+    transforms attached): the policy's structure rebuilt from `base`, the same transforms,
+    the weights loaded. A new `seed`, so the steps see other batches than the first ones."""
+    from search.compress.build import restructure
+
+    model = restructure(base, policy, example, data, loss_fn)
+    penalized = attach_training_transforms(model, policy, options)
+    model.load_state_dict(state)
+    return distill(model, teacher, data, options, loss_fn, seed=seed, penalized=penalized)
+

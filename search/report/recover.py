@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.compress.build import apply_precision, restructure
+from search.compress.build import apply_precision
 from search.compress.policy import Policy
 from search.core.data import evaluate
 from search.core.errors import UserError
 from search.core.task import Task
-from search.finetune.distill import Teacher, attach_training_transforms, distill
+from search.finetune.distill import Teacher, resume_distill
 from search.study.config import SearchConfig
 from search.study.evaluate import TRAINABLE
 
@@ -68,12 +68,10 @@ def finetune_trial(run_dir: Path, trial: int, steps: int, task: Task,
     result = json.loads((trial_dir / "result.json").read_text())
     start = time.perf_counter()
     options = dataclasses.replace(config.finetune_options(), steps=steps)
-    model = restructure(task.model, policy, task.example, task.train, task.loss)
-    penalized = attach_training_transforms(model, policy, options)  # as the search did
-    model.load_state_dict(torch.load(trial_dir / TRAINABLE, weights_only=True))
-    # NOTE: a new seed, so the extra steps see other batches than the search's first ones
-    distill(model, Teacher(task.model, task.train), task.train, options, task.loss,
-            seed=config.seed + 1, penalized=penalized)
+    model = resume_distill(task.model, policy, task.example,
+                           torch.load(trial_dir / TRAINABLE, weights_only=True),
+                           Teacher(task.model, task.train), task.train, options, task.loss,
+                           seed=config.seed + 2)  # (+1 is the search's own longer fine-tune)
     deployed = apply_precision(model, policy, task.train)
     test_after = evaluate(deployed, task.test, task.metric)
     val_after = evaluate(deployed, task.val, task.metric)

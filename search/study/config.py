@@ -26,6 +26,8 @@ class SearchConfig:
     trials: int = 16  # candidates evaluated (the seeds below count)
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
+    recover_steps: int = 120  # more steps for a promising candidate: feasible and within
+    recover_margin: float = 0.02  # this much validation accuracy of the front (0 steps: off)
     distill_alpha: float = 0.7  # weight of distillation from the uncompressed model; 0: labels
     qat: bool = True  # fine-tune through the weight quantizer (straight-through estimator)
     dropconnect: float = 0.0  # fine-tune with DropConnect at this rate
@@ -104,6 +106,7 @@ class SearchConfig:
     def _check_ranges(self, where: str) -> None:
         # NOTE: finetune_steps 0 is allowed: candidates scored as compressed, no fine-tune
         for key, low in (("trials", 1), ("finetune_steps", 0), ("tune_trials_per_task", 0),
+                         ("recover_steps", 0), ("recover_margin", 0),
                          ("startup_trials", 0), ("seed", 0), ("heartbeat_s", 1)):
             if getattr(self, key) < low:
                 raise UserError(f"{where}: {key} must be at least {low}; got "

@@ -3,7 +3,9 @@ and time it, into a TrialResult (an expected failure is TrialFailed, recorded by
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,12 @@ from search.compress.size import ModelStats, model_stats
 from search.core.data import evaluate
 from search.core.task import Task
 from search.devices.target import TargetSpec
-from search.finetune.distill import Teacher, attach_training_transforms, distill
+from search.finetune.distill import (
+    Teacher,
+    attach_training_transforms,
+    distill,
+    resume_distill,
+)
 from search.study.config import SearchConfig
 from search.study.early_stop import Hopeless, checkpoints
 
@@ -43,6 +50,9 @@ class TrialResult:
     tuning_s: float
     kernels: int  # tunable kernels in the compiled graph
     new_kernels: int  # of which were tuned for this trial (the rest came from the database)
+    recovered_steps: int = 0  # extra fine-tune steps it earned (promising: config recover_*)
+    short_val_accuracy: float | None = None  # before them (what ranked it)
+    short_test_accuracy: float | None = None
 
 
 class Evaluator:
@@ -75,10 +85,42 @@ class Evaluator:
         return self._anchor
 
     def __call__(self, policy: Policy, progress: Any | None = None,
-                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
+                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None,
+                 promising: Callable[[float, float, int], bool] | None = None
                  ) -> tuple[TrialResult, nn.Module]:
         """`curve` collects the validation accuracy at the fine-tune's checkpoints; with
-        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly."""
+        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly.
+        `promising(val_accuracy, latency_ms, size_bytes)` (the study's rule) decides whether
+        the candidate earns `recover_steps` more fine-tune steps before its accuracy is final."""
+        result, model = self._evaluate(policy, progress, hopeless, curve)
+        steps = self.config.recover_steps
+        if self.trainable is None or promising is None or steps <= 0 or \
+                not promising(result.val_accuracy, result.latency.median_ms, result.size_bytes):
+            return result, model
+        return self._recover(policy, result, steps)
+
+    def _recover(self, policy: Policy, result: TrialResult, steps: int
+                 ) -> tuple[TrialResult, nn.Module]:
+        """More distillation steps from the short fine-tune's weights (same transforms), then
+        the precision again. The structure is unchanged, so latency and size stand."""
+        task = self.task
+        start = time.perf_counter()
+        options = dataclasses.replace(self.config.finetune_options(), steps=steps)
+        trained = resume_distill(task.model, policy, task.example, self.trainable,
+                                 self.teacher, task.train, options, task.loss,
+                                 seed=self.config.seed + 1)
+        self.trainable = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        model = apply_precision(trained, policy, task.train)
+        val, test = evaluate(model, task.val, task.metric), evaluate(model, task.test,
+                                                                      task.metric)
+        return dataclasses.replace(
+            result, val_accuracy=val, test_accuracy=test, recovered_steps=steps,
+            short_val_accuracy=result.val_accuracy, short_test_accuracy=result.test_accuracy,
+            finetune_s=result.finetune_s + time.perf_counter() - start), model
+
+    def _evaluate(self, policy: Policy, progress: Any | None, hopeless: Hopeless | None,
+                  curve: dict[str, float] | None
+                  ) -> tuple[TrialResult, nn.Module]:
         task = self.task
         model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())

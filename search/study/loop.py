@@ -126,7 +126,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         curve: dict[str, float] = {}
         evaluator.reference_ms = trial.study.user_attrs.get(REFERENCE)
         hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
-        result, model = evaluator(policy, progress, hopeless, curve)
+        result, model = evaluator(policy, progress, hopeless, curve,
+                                  promising_in(trial.study, budget_ms,
+                                               evaluator.config.recover_margin))
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
             if evaluator.trainable is not None:  # for a longer fine-tune later
@@ -151,6 +153,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "tuning_s": round(result.tuning_s, 2),
             "kernels": result.kernels,
             "new_kernels": result.new_kernels,
+            "recovered_steps": result.recovered_steps,  # > 0: promising, fine-tuned longer
+            "short_val_accuracy": result.short_val_accuracy,  # after the short fine-tune
+            "short_test_accuracy": result.short_test_accuracy,
             "precisions": sorted({precision_of(lp) for lp in policy.layers.values()} | {"fp32"}),
             "software_precisions": evaluator.target.software_precisions(policy),
             CURVE_ATTR: curve,
@@ -166,6 +171,27 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
     return objective
+
+
+def promising_in(study: optuna.Study, budget_ms: float, margin: float
+                 ) -> Callable[[float, float, int], bool]:
+    """The rule for a longer fine-tune: within the budget, and no finished trial at least as
+    fast and as small is `margin` or more ahead on validation accuracy, each compared after
+    the short fine-tune (the rank all candidates had)."""
+    done = [t.user_attrs for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if DUPLICATE_OF not in t.user_attrs and "latency_ms" in t.user_attrs]
+
+    def short(a: dict[str, Any]) -> float:
+        value = a.get("short_val_accuracy")
+        return a["val_accuracy"] if value is None else value
+
+    def rule(val_accuracy: float, latency_ms: float, size_bytes: int) -> bool:
+        return latency_ms <= budget_ms and not any(
+            a["latency_ms"] <= latency_ms and a["size_bytes"] <= size_bytes
+            and short(a) >= val_accuracy + margin for a in done)
+
+    return rule
 
 
 REFERENCE = "reference_latency_ms"  # study attr: the uncompressed model's latency ratios scale
