@@ -258,6 +258,8 @@ def _measure(original: nn.Module, model: nn.Module, policy: Policy, rows: list[L
              ) -> dict[str, dict[str, LayerTiming | None]]:
     """Every layer alone, before and after; an unchanged layer is timed once, and uncompressed
     layers already in `known_before` not again."""
+    from tqdm import tqdm
+
     from search.backend.compile import Compiler
     from search.compress.build import output_tolerance
     from search.study.runfolder import tuning_dir
@@ -269,8 +271,12 @@ def _measure(original: nn.Module, model: nn.Module, policy: Policy, rows: list[L
     names = [row.name for row in rows]
     x_before, x_after = _inputs(original, names, example), _inputs(model, names, example)
     out: dict[str, dict[str, LayerTiming | None]] = {}
-    for row in rows:
+    # each layer compiles twice (before, after): minutes on a large model, so a bar says where
+    bar = tqdm(rows, desc="timing layers", unit="layer", leave=False,
+               disable=None)  # None: shown on a terminal only
+    for row in bar:
         name = row.name
+        bar.set_postfix_str(name, refresh=False)
         if name not in x_before or name not in x_after:
             out[name] = {"before": None, "after": None}  # not reached by the forward pass
             continue
