@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from search.compress.space import derive_space
-from search.study.allocate import PRECISION_COST, _option_cost, _shapes, allocate, block_of
+from search.study.allocate import (
+    PRECISION_COST,
+    _option_cost,
+    _shapes,
+    allocate,
+    block_of,
+    by_threshold,
+)
 from search.study.sensitivity import LayerSensitivity, Sensitivity
 
 KNOBS = ["rank", "sparsity", "bits"]
@@ -69,3 +76,17 @@ def test_per_block_gives_every_layer_of_a_block_one_choice(tiny_task, tiny_space
 
 def test_int8_is_estimated_cheaper_and_16_bit_not_cheaper():
     assert PRECISION_COST[8] < PRECISION_COST[32] <= PRECISION_COST[16]
+
+
+def test_the_threshold_baseline_compresses_each_layer_as_far_as_its_own_drop_allows(
+        tiny_task, tiny_space):
+    first = tiny_space[0].name
+    sens = _table(tiny_space, {(first, "rank", v): 0.3 for v in tiny_space[0].choices("rank")
+                               if v != 1.0})
+    (_, tight), (_, loose) = by_threshold(tiny_task.model, tiny_task.example, tiny_space,
+                                          KNOBS, sens, [0.0, 0.2])
+    # 0: only what loses nothing (the identity); 0.2: everything but the first layer's rank
+    assert all(lp.is_identity for lp in tight.layers.values())
+    assert loose.layers[first].rank == 1.0
+    assert _estimate(tiny_task, tiny_space, loose) < 0.5 * _estimate(tiny_task, tiny_space, tight)
+    assert any(lp.rank < 1.0 for n, lp in loose.layers.items() if n != first)

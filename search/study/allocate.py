@@ -101,17 +101,17 @@ def block_of(name: str) -> str:
     return name
 
 
-def allocate(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
-             sensitivity: Sensitivity, latency_fractions: list[float],
-             size_fraction: float | None = None, per: str = "layer") -> list[Allocation]:
-    """One solution per latency fraction (infeasible ones are left out), duplicates once."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+# layer -> knob values -> (summed drop, estimated cost, weight bytes)
+Options = dict[str, dict[tuple, tuple[float, float, float]]]
 
-    knobs = [k for k in knobs if k in ("rank", "sparsity", "bits")]  # what the estimate models
+
+def options_of(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
+               sensitivity: Sensitivity) -> Options:
+    """Per layer, every combination of the searched knobs' values the sensitivity table knows,
+    with its summed drop, estimated cost and weight bytes."""
     modules = dict(model.named_modules())
     positions = _shapes(model, example, [ls.name for ls in space])
-    # options per layer: knob value tuples, with their drop, cost and bytes
-    per_layer: dict[str, dict[tuple, tuple[float, float, float]]] = {}
+    per_layer: Options = {}
     for ls in space:
         options = {}
         for values in itertools.product(*(ls.choices(k) for k in knobs)):
@@ -129,6 +129,44 @@ def allocate(model: nn.Module, example: Any, space: list[LayerSpace], knobs: lis
                                           LayerPolicy(**dict(zip(knobs, values, strict=True))))
                 options[values] = (drop, cost, size)
         per_layer[ls.name] = options
+    return per_layer
+
+
+def modelled(knobs: list[str]) -> list[str]:
+    return [k for k in knobs if k in ("rank", "sparsity", "bits")]  # what the estimate models
+
+
+def by_threshold(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
+                 sensitivity: Sensitivity, thresholds: list[float]
+                 ) -> list[tuple[float, Policy]]:
+    """The sensitivity-threshold baseline (Distiller's sensitivity pruning; the AMC-style
+    "uniform allocation scaled by sensitivity" of bench/RESULTS.md): for each threshold t,
+    every layer independently takes its cheapest option whose summed drop is at most t. No
+    budget is solved for; thresholds trace the family. Duplicates once (the first threshold
+    giving a policy names it)."""
+    knobs = modelled(knobs)
+    per_layer = options_of(model, example, space, knobs, sensitivity)
+    policies: list[tuple[float, Policy]] = []
+    for t in thresholds:
+        layers = {}
+        for name, options in per_layer.items():
+            ok = [(cost, values) for values, (drop, cost, _) in options.items() if drop <= t]
+            if ok:
+                layers[name] = LayerPolicy(**dict(zip(knobs, min(ok)[1], strict=True)))
+        policy = Policy(layers)
+        if all(policy != p for _, p in policies):
+            policies.append((t, policy))
+    return policies
+
+
+def allocate(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
+             sensitivity: Sensitivity, latency_fractions: list[float],
+             size_fraction: float | None = None, per: str = "layer") -> list[Allocation]:
+    """One solution per latency fraction (infeasible ones are left out), duplicates once."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    knobs = modelled(knobs)
+    per_layer = options_of(model, example, space, knobs, sensitivity)
     groups: dict[str, list[str]] = {}
     for ls in space:
         groups.setdefault(block_of(ls.name) if per == "block" else ls.name, []).append(ls.name)

@@ -1,0 +1,158 @@
+"""Hypervolume at equal wall time: ours (TPE after the integer-program seeds) vs TPE alone,
+random search, NSGA-II and the sensitivity-threshold baseline, several seeds each, one run.
+
+    SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_hypervolume.py \
+        [--task search.tasks:mobilenet_v2] [--budget 0.6ms] [--wall 300] [--seeds 0,1,2] \
+        [--parallel 2] [--root /tmp/bench-hv]
+    python bench/bench_hypervolume.py --analyze /tmp/bench-hv      # the table again
+
+Each (method, seed) is one `search run` (the Python API, in its own process; `--parallel` of
+them at once, one thread each, sharing the target's tuning database: build the kernel library
+first with `search tune`) with the default config but for:
+
+- ours: the defaults (uniform seeds, then the integer-program seeds, then TPE)
+- tpe: `ip_seeds: []` (uniform seeds, then TPE)
+- random: `ip_seeds: []`, `sampler: random`
+- nsga2: `ip_seeds: []`, `sampler: nsga2`
+- threshold: the AMC-style "uniform allocation scaled by sensitivity" baseline
+  (`search.study.allocate.by_threshold`: each layer takes its cheapest option whose own
+  sensitivity drop is at most t, for thresholds t tracing the family), enqueued after the
+  uniform seeds in place of the integer-program seeds; random proposals if time is left.
+
+Every run gets `timeout: --wall` seconds from its first trial (after the sensitivity table, the
+same work for all) and as many trials as fit. The hypervolume is `search.report.compare`'s
+(test accuracy, measured latency, size; one reference for all runs: accuracy 0, the largest
+uncompressed latency and size among them) over the trials completed within --wall of the
+run's first trial start, duplicates and failures left out. Printed: per method, the median
+over seeds of the hypervolume and of the trials done, and the best test accuracy within the
+budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+METHODS = {
+    "ours": {},
+    "tpe": {"ip_seeds": []},
+    "random": {"ip_seeds": [], "sampler": "random"},
+    "nsga2": {"ip_seeds": [], "sampler": "nsga2"},
+    "threshold": {"sampler": "random"},  # its seeds replace the integer program's (below)
+}
+# thresholds on a layer's own summed accuracy drop, coarse to fine so that any cut-off in wall
+# time has the family's spread (0.3 .. 0.001 metric units)
+THRESHOLDS = [0.05, 0.01, 0.2, 0.003, 0.02, 0.1, 0.001, 0.3, 0.007, 0.03, 0.15, 0.002]
+
+
+def one(method: str, seed: int, task: str, budget: str, wall: float, out: Path) -> None:
+    """One run, in this process."""
+    import search.study.loop as loop
+    from search.api import search
+    from search.study.allocate import Allocation, by_threshold
+
+    if method == "threshold":
+        def thresholds(model, example, space, knobs, sens, *_args, **_kwargs):
+            return [Allocation(t, p, 0.0, 0.0, 0.0)
+                    for t, p in by_threshold(model, example, space, knobs, sens, THRESHOLDS)]
+
+        loop.allocate = thresholds  # the bench's baseline, enqueued where the IP seeds go
+    search(task, "host", budget, trials=200, out=out, progress=False, seed=seed,
+           timeout=wall, **METHODS[method])
+
+
+def analyze(root: Path, budget_ms: float, wall: float) -> None:
+    import optuna
+
+    from search.report.compare import hypervolume, reference_for
+    from search.study.points import DUPLICATE_OF
+
+    runs = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "front.json").exists()):
+        method, seed = folder.name.rsplit("-", 1)
+        front = json.loads((folder / "front.json").read_text())
+        study = optuna.load_study(study_name="search",
+                                  storage=f"sqlite:///{folder / 'study.db'}")
+        runs[(method, int(seed))] = (front, study)
+    if not runs:
+        raise SystemExit(f"no finished runs in {root}")
+    ref = reference_for(*(front for front, _ in runs.values()))
+    print(f"reference: accuracy 0, {ref.latency_ms:.3f} ms, {ref.size_bytes:,.0f} bytes; "
+          f"wall {wall:.0f} s per run; budget {budget_ms} ms")
+    print(f"{'method':<10} {'seed':>4} {'HV':>7} {'trials':>7} {'best test % in budget':>22}")
+    summary: dict[str, list[tuple[float, int, float]]] = {}
+    for (method, seed), (_, study) in sorted(runs.items()):
+        trials = [t for t in study.trials if t.datetime_start is not None]
+        start = min(t.datetime_start for t in trials)
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                and DUPLICATE_OF not in t.user_attrs
+                and (t.datetime_complete - start).total_seconds() <= wall]
+        points = [(t.user_attrs["test_accuracy"], t.user_attrs["latency_ms"],
+                   t.user_attrs["size_bytes"]) for t in done]
+        hv = hypervolume(points, ref)
+        feasible = [p[0] for p in points if p[1] <= budget_ms]
+        best = max(feasible) if feasible else float("nan")
+        summary.setdefault(method, []).append((hv, len(done), best))
+        print(f"{method:<10} {seed:>4} {hv:>7.4f} {len(done):>7} {100 * best:>21.2f}%")
+    print(f"\nmedian over seeds:\n{'method':<10} {'HV':>7} {'(min-max)':>15} {'trials':>7} "
+          f"{'best test % in budget':>22}")
+    for method, rows in summary.items():
+        hvs = [r[0] for r in rows]
+        print(f"{method:<10} {statistics.median(hvs):>7.4f} "
+              f"{f'({min(hvs):.4f}-{max(hvs):.4f})':>15} "
+              f"{statistics.median(r[1] for r in rows):>7.0f} "
+              f"{100 * statistics.median(r[2] for r in rows):>21.2f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="search.tasks:mobilenet_v2")
+    ap.add_argument("--budget", default="0.6ms")
+    ap.add_argument("--wall", type=float, default=300, help="seconds of search per run")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/bench-hv"))
+    ap.add_argument("--analyze", type=Path, help="only the table of a finished --root")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    budget_ms = float(args.budget.removesuffix("ms"))
+    if args.one:
+        one(args.one[0], int(args.one[1]), args.task, args.budget, args.wall,
+            args.root / f"{args.one[0]}-{args.one[1]}")
+        return
+    if args.analyze:
+        analyze(args.analyze, budget_ms, args.wall)
+        return
+    args.root.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, s) for s in args.seeds.split(",") for m in args.methods.split(",")]
+
+    def launch(job: tuple[str, str]) -> str:
+        method, seed = job
+        start = time.perf_counter()
+        log = args.root / f"{method}-{seed}.log"
+        with open(log, "w") as f:
+            code = subprocess.call([sys.executable, __file__, "--one", method, seed,
+                                    "--task", args.task, "--budget", args.budget,
+                                    "--wall", str(args.wall), "--root", str(args.root)],
+                                   stdout=f, stderr=subprocess.STDOUT)
+        return f"{method}-{seed}: exit {code} in {time.perf_counter() - start:.0f} s ({log})"
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for line in pool.map(launch, jobs):
+            print(line, flush=True)
+    analyze(args.root, budget_ms, args.wall)
+
+
+if __name__ == "__main__":
+    main()
