@@ -90,3 +90,15 @@ def test_the_threshold_baseline_compresses_each_layer_as_far_as_its_own_drop_all
     assert loose.layers[first].rank == 1.0
     assert _estimate(tiny_task, tiny_space, loose) < 0.5 * _estimate(tiny_task, tiny_space, tight)
     assert any(lp.rank < 1.0 for n, lp in loose.layers.items() if n != first)
+
+
+def test_drops_below_the_tables_resolution_do_not_make_compression_free(tiny_task, tiny_space):
+    """Every drop 0 on 256 examples: the program compresses only as far as the limit asks."""
+    entries = [LayerSensitivity(ls.name, k, v, 0.0, None, 0.9)
+               for ls in tiny_space for k in KNOBS for v in ls.choices(k)[1:]]
+    blind = Sensitivity(0.9, entries)
+    counted = Sensitivity(0.9, entries, {"metric_examples": 256})
+    (free,) = allocate(tiny_task.model, tiny_task.example, tiny_space, KNOBS, blind, [0.6])
+    (kept,) = allocate(tiny_task.model, tiny_task.example, tiny_space, KNOBS, counted, [0.6])
+    assert free.cost_fraction < 0.3  # everything looked free: the cheapest of all
+    assert 0.3 < kept.cost_fraction <= 0.6 and kept.predicted_drop > 0

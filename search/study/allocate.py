@@ -11,7 +11,9 @@ for several limits, each solution enqueued as a trial the sampler then goes on f
 An option o is one value of each searched knob. Decisions:
 - drop[l, o]: the sum of the sensitivity table's accuracy drops of its knob values, each
   measured alone on that layer (additive, as HAWQ-V3 assumes); negative drops (noise) count as
-  0. An option with a value the table lacks is left out (sensitivity narrowed it away).
+  0, and a drop below the table's resolution as half of it times the share of the layer's cost
+  the option removes (an undetected loss is not no loss). An option with a value the table
+  lacks is left out (sensitivity narrowed it away).
 - cost[l, o]: an ESTIMATE, only to propose seeds: the layer's multiply-adds in its compressed
   shape (rank, kept output channels at the target's granularity) times a per-precision factor
   (PRECISION_COST). Every seed is then built, fine-tuned and timed for real like any trial.
@@ -111,6 +113,8 @@ def options_of(model: nn.Module, example: Any, space: list[LayerSpace], knobs: l
     with its summed drop, estimated cost and weight bytes."""
     modules = dict(model.named_modules())
     positions = _shapes(model, example, [ls.name for ls in space])
+    examples = sensitivity.method.get("metric_examples")
+    resolution = 1.0 / examples if examples else 0.0
     per_layer: Options = {}
     for ls in space:
         options = {}
@@ -128,6 +132,15 @@ def options_of(model: nn.Module, example: Any, space: list[LayerSpace], knobs: l
                 cost, size = _option_cost(modules[ls.name], positions.get(ls.name, 1),
                                           LayerPolicy(**dict(zip(knobs, values, strict=True))))
                 options[values] = (drop, cost, size)
+        # NOTE: a drop below the table's resolution (one example of `metric_examples`) reads 0,
+        # which would make every such option free and the program compress far past its limit
+        # (drops do not add up to nothing); it counts as half the resolution times the share
+        # of the layer's cost the option removes, so the limit is met with the least removed
+        identity = tuple(REGISTRY[k].identity for k in knobs)
+        full = options.get(identity, (0.0, 0.0, 0.0))[1]
+        if resolution > 0 and full > 0:
+            options = {v: (max(d, 0.5 * resolution * max(0.0, 1 - c / full)), c, b)
+                       for v, (d, c, b) in options.items()}
         per_layer[ls.name] = options
     return per_layer
 
