@@ -171,3 +171,29 @@ def test_a_gather_gets_tuned_too_its_indices_are_valid_when_timed(tmp_path):
     compiler = Compiler(load_target("host"), tmp_path / "db", trials_per_task=4)
     compiled = compiler.compile(to_relax(Bag().eval(), (ids,)))
     assert compiled.tasks >= 3 and compiled.tuned == compiled.tasks
+
+
+def test_the_database_is_read_again_only_after_another_process_wrote_it(tiny_task, tmp_path,
+                                                                        monkeypatch):
+    """Parsing a large library takes seconds: a compiler keeps its own writes in memory and
+    reads the files again only when another compiler (a parallel worker) changed them."""
+    from tvm.s_tir import meta_schedule as ms
+
+    reads = []
+    real = ms.database.JSONDatabase
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms.database, "JSONDatabase", counted)
+    x = tiny_task.example
+    ours = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2)
+    mine = to_relax(build(tiny_task.model, Policy({"fc1": LayerPolicy(rank=0.25)}), x), x)
+    assert ours.compile(mine).new_tasks > 0
+    assert ours.compile(mine).new_tasks == 0 and len(reads) == 1  # own records, not re-read
+    theirs = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2)  # a worker
+    other = to_relax(build(tiny_task.model, Policy({"conv2": LayerPolicy(sparsity=0.5)}), x), x)
+    assert theirs.compile(other).new_tasks > 0 and len(reads) == 2
+    again = ours.compile(other)  # the worker's records: read, not tuned again
+    assert len(reads) == 3 and again.new_tasks == 0 and again.fully_tuned

@@ -96,19 +96,35 @@ class Compiler:
         db_dir.mkdir(parents=True, exist_ok=True)
         self.db_dir = db_dir
         self.log_dir = log_dir or db_dir / "logs"
-        self.database = self._open_database()
+        self._stamp: tuple[int, ...] | None = None
+        self.database = self.refresh_database()
         self.tuning_s_total = 0.0
         self.tasks_tuned_total = 0
         self._builder: Any = None
         self._runner: Any = None
 
-    def _open_database(self) -> Any:
-        """The target's tuning records as on disk now (other workers may have added some)."""
+    def _files_stamp(self) -> tuple[int, ...]:
+        stats = [(self.db_dir / f).stat() if (self.db_dir / f).exists() else None
+                 for f in ("workloads.json", "records.json")]
+        return tuple(v for st in stats for v in ((st.st_size, st.st_mtime_ns) if st else (-1, -1)))
+
+    def refresh_database(self) -> Any:
+        """The target's tuning records as on disk now (other workers may have added some).
+        Parsing the files takes seconds per thousand kernels (22 s for a 1,400-kernel library),
+        so they are read again only when someone else changed them since this process last
+        did; call under the database's lock (every writer holds it)."""
         from tvm.s_tir import meta_schedule as ms
 
-        return ms.database.JSONDatabase(
-            path_workload=str(self.db_dir / "workloads.json"),
-            path_tuning_record=str(self.db_dir / "records.json"))
+        if self._stamp is None or self._stamp != self._files_stamp():
+            self.database = ms.database.JSONDatabase(
+                path_workload=str(self.db_dir / "workloads.json"),
+                path_tuning_record=str(self.db_dir / "records.json"))
+            self._stamp = self._files_stamp()
+        return self.database
+
+    def _mark_own_writes(self) -> None:
+        """What this process wrote under the lock (records, workloads) is in memory already."""
+        self._stamp = self._files_stamp()
 
     def _workers(self) -> tuple[Any, Any]:
         """Builder and runner, created once: each spawns a process that imports TVM (~3 s)."""
@@ -194,7 +210,7 @@ class Compiler:
         if not self.can_tune or not kernels:
             return 0
         with file_lock(self.db_dir / ".lock"):
-            self.database = self._open_database()  # records of parallel workers too
+            self.refresh_database()  # records of parallel workers too
             todo, seen = [], set()
             for task in kernels:
                 digest = structural_hash(task.dispatched[0])
@@ -209,6 +225,7 @@ class Compiler:
                 self._tune(todo, progress)
                 self.tuning_s_total += time.perf_counter() - start
                 self.tasks_tuned_total += len(todo)
+            self._mark_own_writes()
         return len(todo)
 
     def weight_bytes(self, mod: Any) -> WeightBytes:
@@ -225,7 +242,10 @@ class Compiler:
         from search.devices.lock import file_lock
 
         with file_lock(self.db_dir / ".lock"):
-            return self._compile(mod, progress)
+            try:
+                return self._compile(mod, progress)
+            finally:
+                self._mark_own_writes()  # new workloads and records: in memory already
 
     def _compile(self, mod: Any, progress: Any | None) -> Compiled:
         from tvm.s_tir import meta_schedule as ms
@@ -233,7 +253,7 @@ class Compiler:
         from search.backend.int8 import int8_kernels, lower_int8
 
         try:
-            self.database = self._open_database()  # records tuned by parallel workers too
+            self.refresh_database()  # records tuned by parallel workers too
             mod = cpu_layout(mod)  # BatchNorm folded, convs NHWC / HWIO (search.backend.layout)
             mod = lower_int8(mod, target=self.target)  # int8 layers -> int8 x int8 kernels
             int8_count = len(int8_kernels(mod))

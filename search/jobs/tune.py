@@ -116,7 +116,7 @@ def build_library(compiler: Compiler, kernels: list[LibraryKernel], candidates: 
     """Tune the kernels lacking a record, largest share first, `chunk` per MetaSchedule session,
     until the budget (seconds; None: all) is spent."""
     start = time.perf_counter()
-    compiler.database = compiler._open_database()
+    compiler.refresh_database()
     had = sum(compiler._has_record(k.task) for k in kernels)
     todo = [k for k in kernels if not compiler._has_record(k.task)]
     tuned, stopped = 0, "done"
@@ -127,7 +127,7 @@ def build_library(compiler: Compiler, kernels: list[LibraryKernel], candidates: 
         tuned += compiler.tune([k.task for k in todo[i:i + chunk]], progress)
         if progress is not None:
             progress.set_postfix_str(f"{had + tuned}/{len(kernels)} kernels tuned")
-    compiler.database = compiler._open_database()
+    compiler.refresh_database()
     total = sum(k.share for k in kernels) or 1.0
     covered = sum(k.share for k in kernels if compiler._has_record(k.task)) / total
     return LibraryReport(candidates, len(kernels), had, tuned, covered,
