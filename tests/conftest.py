@@ -14,6 +14,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Trained tasks and tuning databases go to a per-session folder, not the user's cache."""
     os.environ["SEARCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ.setdefault("TVM_NUM_THREADS", "1")
+    os.environ.setdefault("SEARCH_TORCH_THREADS", "1")  # the suite's figures: one thread
     torch.set_num_threads(1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -106,7 +107,7 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     """Run (or resume) the study, in this process or in `workers` worker processes sharing
     its storage, then write and return the front. `task`: a Task object (search.api);
     otherwise the config's entry point builds it."""
-    setup_threads(target)
+    setup_threads(target, workers)
     config = info.config
     say = print if show_progress else (lambda *a, **k: None)
     start = time.perf_counter()
@@ -212,7 +213,9 @@ def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
         log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, "-m", "search", "worker", info.study, "--storage", url,
                "--out", str(run_dir), "--worker-id", str(i)]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        env = {**os.environ, "SEARCH_WORKERS_HERE": str(workers)}  # torch threads per worker
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                      log))
     try:
         while any(p.poll() is None for p, _ in procs):
             time.sleep(2)
