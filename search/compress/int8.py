@@ -24,6 +24,22 @@ class ActQuant(NamedTuple):
 # torch side
 
 
+def _runtime_scalar(value: float) -> torch.Tensor:
+    """A calibrated scalar as a 1-element tensor, not a 0-d one: TVM inlines 0-d constants into
+    the fused kernel as literals, so every calibration made new kernels that no tuning record
+    matched (a trial's int8 layers always tuned); a 1-element constant is a kernel argument,
+    and the kernels of two calibrations are the same workload (the kernel library's)."""
+    return torch.tensor([float(value)])
+
+
+def _legacy_scalars(state: dict[str, Any], prefix: str) -> None:
+    """Weights saved before the scalars were 1-element tensors load too."""
+    for name in ("act_scale", "zero_point"):
+        key = prefix + name
+        if key in state and state[key].dim() == 0:
+            state[key] = state[key].reshape(1)
+
+
 class Int8Linear(nn.Module):
     """A Linear computed in integers: uint8 activation x int8 weight (per output channel),
     int32 accumulation, then one fp32 multiply-add.
@@ -50,12 +66,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("onnx_bias", bias.clone())
         bias = bias - zero_point * scale * wq.to(torch.int32).sum(dim=1).float()
         # buffers, not attributes: a saved state_dict restores the calibration too
-        self.register_buffer("act_scale", torch.tensor(act_scale))
-        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.register_buffer("act_scale", _runtime_scalar(act_scale))
+        self.register_buffer("zero_point", _runtime_scalar(zero_point))
         self.register_buffer("weight_q", wq)  # int8 (out, in)
         self.register_buffer("weight_scale", w_scale)  # fp32 (out,): for storage accounting
         self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
         self.register_buffer("bias", bias)  # fp32 (out,), zero-point term folded in
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        _legacy_scalars(state_dict, prefix)
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # (shared by both)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.round(x / self.act_scale) + self.zero_point
@@ -125,8 +146,8 @@ class Int8Conv2d(nn.Module):
         bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
         self.register_buffer("onnx_bias", bias.clone())  # (as Int8Linear's)
         bias = bias - zero_point * scale * wq.to(torch.int32).flatten(1).sum(dim=1).float()
-        self.register_buffer("act_scale", torch.tensor(act_scale))
-        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.register_buffer("act_scale", _runtime_scalar(act_scale))
+        self.register_buffer("zero_point", _runtime_scalar(zero_point))
         self.register_buffer("weight_q", wq)  # int8 (out, in/groups, kh, kw)
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("scale", scale)  # fp32 (out,) = s_x * s_w
@@ -137,6 +158,7 @@ class Int8Conv2d(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_pad_value)
 
     quantize_input = Int8Linear.quantize_input
+    _load_from_state_dict = Int8Linear._load_from_state_dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
