@@ -1,7 +1,8 @@
 """How well the kernel library's own records predict a whole model's latency.
 
     SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_library_predict.py \
-        [--task search.tasks:mobilenet_v2] [--random 12] [--seed 7] [--out /tmp/bench-lib.json]
+        [--task search.tasks:mobilenet_v2] [--random 12] [--seed 7] [--knobs rank,sparsity,bits] \
+        [--out /tmp/bench-lib.json]
     python bench/bench_library_predict.py --analyze /tmp/bench-lib.json
 
 On target `host`, from its tuning database as it is (build it first with `search tune`;
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     from search.study.runfolder import tuning_dir
 
     torch.set_num_threads(1)
-    config = SearchConfig()
+    config = SearchConfig(knobs=args.knobs.split(","))
     task = load_task(args.task)
     spec = load_target("host")
     compiler = Compiler(spec, tuning_dir(spec), trials_per_task=0)
@@ -125,6 +126,9 @@ def main() -> None:
     ap.add_argument("--task", default="search.tasks:mobilenet_v2")
     ap.add_argument("--random", type=int, default=12)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--knobs", default="rank,sparsity,bits",
+                    help="the knobs the policies use (int8 kernels tuned before 2026-12-03 "
+                         "carried calibration literals: use rank,sparsity on such a library)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-lib.json"))
     ap.add_argument("--analyze", type=Path)
     args = ap.parse_args()

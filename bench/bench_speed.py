@@ -2,13 +2,17 @@
 
     python bench/bench_speed.py [--task search.tasks:mobilenet_v2] [--trials 8] [--rounds 7]
     python bench/bench_speed.py --task search.tasks:minilm_text
+    SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_speed.py --db library \
+        --uniform rank=0.125                  # a front's policy, on the target's kernel library
 
 Models: the uncompressed model, and its int8 form as the search builds it (bits 8 on every
 compressible layer, through search.compress.build: BatchNorm folded, activations calibrated on
 256 training inputs).
 Runtimes:
-- TVM: the search's own Compiler, a fresh tuning database, `--trials` MetaSchedule trials per
-  kernel;
+- TVM: the search's own Compiler, a fresh tuning database (or `--db library`: the target's
+  own, as `search tune` and the runs left it), `--trials` MetaSchedule trials per kernel it
+  lacks; `--uniform KNOB=VALUE` adds that uniform policy's model (structure and precision; its
+  latency does not depend on the weights);
 - ONNX Runtime fp32, on the same ONNX export;
 - ONNX Runtime int8 with its own quantizer (bench_real.ort_int8: static QDQ, per channel,
   calibrated on the same 256 training inputs, for a CNN; dynamic for an encoder);
@@ -49,9 +53,13 @@ from search.compress.space import derive_space, uniform  # noqa: E402
 from search.core.data import evaluate  # noqa: E402
 from search.core.task import load_task  # noqa: E402
 from search.devices.target import Measurement, load_target  # noqa: E402
-from search.study.runfolder import setup_threads  # noqa: E402
+from search.study.runfolder import setup_threads, tuning_dir  # noqa: E402
 
 RUNS = 30
+
+
+def type_of(knob: str) -> type:
+    return int if knob == "bits" else float
 
 
 def tvm_ops(executable: Any, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
@@ -112,6 +120,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8, help="MetaSchedule trials per kernel")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calibration", type=int, default=256)
+    ap.add_argument("--db", default=None, help="'library': the target's tuning database")
+    ap.add_argument("--uniform", action="append", default=[], metavar="KNOB=VALUE")
     args = ap.parse_args()
     target = load_target("host")
     setup_threads(target)
@@ -120,7 +130,12 @@ def main() -> None:
     policy = uniform(derive_space(task.model, example), bits=8)
     int8 = build(task.model, policy, example, task.train)
     models = {"fp32": task.model, "int8": int8}
-    db = Path(tempfile.mkdtemp())
+    for spec in args.uniform:
+        knob, value = spec.split("=")
+        models[spec] = build(task.model, uniform(derive_space(task.model, example),
+                                                 **{knob: type_of(knob)(value)}),
+                             example, task.train)
+    db = tuning_dir(target) if args.db == "library" else Path(tempfile.mkdtemp())
     built, refs = {}, {}
     for name, model in models.items():
         compiler = Compiler(target, db, trials_per_task=args.trials)
@@ -145,7 +160,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, ex in built.items():
-            atol = output_tolerance(policy) if name == "int8" else 1e-3
+            atol = 1e-3 if name == "fp32" else output_tolerance(policy)
             lat = run_and_time(ex, example, refs[name], once, atol=atol)
             samples.setdefault(f"TVM {name}", []).append(lat.median_ms)
         for name, data in onnx.items():
@@ -159,6 +174,10 @@ def main() -> None:
           f"interleaved rounds (batch 1, one thread)")
     for name, value in ms.items():
         print(f"{name:<26} {value:7.3f} ms")
+    for spec in args.uniform:
+        print(f"TVM {spec} vs TVM fp32: {ms['TVM fp32'] / ms[f'TVM {spec}']:.2f}x; vs ONNX "
+              f"Runtime int8: {ms['ONNX Runtime int8'] / ms[f'TVM {spec}']:.2f}x; vs ONNX "
+              f"Runtime fp32: {ms['ONNX Runtime fp32'] / ms[f'TVM {spec}']:.2f}x")
     print(f"TVM fp32 vs ONNX Runtime fp32: {ms['ONNX Runtime fp32'] / ms['TVM fp32']:.2f}x; "
           f"TVM int8 vs ONNX Runtime int8: {ms['ONNX Runtime int8'] / ms['TVM int8']:.2f}x; "
           f"TVM int8 vs TVM fp32: {ms['TVM fp32'] / ms['TVM int8']:.2f}x (> 1: ours faster)")

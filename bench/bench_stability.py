@@ -67,7 +67,7 @@ def child(task_name: str, seed: int) -> dict:
         rows[name] = {"alone_ms": alone.latency.median_ms,
                       "interleaved_ms": paired.latency.median_ms,
                       "anchor_ms": paired.latency.anchor_ms, "ratio": paired.latency.ratio,
-                      "kernels": alone.compiled.tasks, "source": alone.source.label()}
+                      "kernels": alone.compiled.tasks, "source": alone.source.label}
     return rows
 
 
