@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--out", type=Path,
                         help="folder for this worker's trial files [default: runs/STUDY]")
     worker.add_argument("--worker-id", type=int, default=0,
-                        help="offsets the sampler seed so workers propose different trials")
+                        help="offsets the sampler seed so workers propose different trials "
+                             "(fine-tunes seed from the run and the policy alone)")
     worker.add_argument("--rpc", metavar="HOST:PORT", help="this worker's device (overrides)")
     worker.add_argument("--tracker", metavar="HOST:PORT", help="this worker's tracker")
     worker.add_argument("--key", help="the tracker key")

@@ -172,3 +172,91 @@ def test_unreachable_storage_is_one_line_before_any_work(tmp_path):
 def test_a_disk_without_room_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="MiB free"):
         check_out_dir(tmp_path / "r", resume=False, min_free_bytes=1 << 62)
+
+
+def test_one_policy_gets_one_accuracy_whichever_worker_runs_it(tmp_path):
+    """Worker 0 and worker 3 (different sampler seeds) run one policy in two studies of one
+    run seed: the same fine-tuned weights, the same accuracy. And the study alone (the policy
+    in the trial's attrs) rebuilds the point, with no trial files."""
+    import torch
+
+    from search.study.points import POLICY, points_of
+
+    config = write_config(tmp_path / "c.yaml", trials=1, finetune_steps=40)
+    results = []
+    for worker in (0, 3):
+        out = tmp_path / f"run{worker}"
+        made = search_cli("run", "--config", str(config), "--budget", "1ms", "--out", str(out))
+        assert made.returncode == 0, made.stderr[-2000:]
+        url = f"sqlite:///{out / 'study.db'}"
+        study = optuna.load_study(study_name="search", storage=url)
+        base = study.trials[0]
+        params = {k: next((c for c in d.choices if c != base.params[k]), base.params[k])
+                  for k, d in base.distributions.items()}  # every layer it can, compressed
+        study.enqueue_trial(params)
+        study.set_user_attr("run", {**study.user_attrs["run"],
+                                    "config": {**study.user_attrs["run"]["config"],
+                                               "trials": 2}})
+        ran = search_cli("worker", "search", "--storage", url, "--out", str(out),
+                         "--worker-id", str(worker))
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        trial = optuna.load_study(study_name="search", storage=url).trials[1]
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.params == params
+        weights = torch.load(out / "trials" / "0001" / "model.pt", weights_only=True)
+        results.append((trial, weights))
+    (a, wa), (b, wb) = results
+    assert a.user_attrs["val_accuracy"] == b.user_attrs["val_accuracy"]
+    assert a.user_attrs["test_accuracy"] == b.user_attrs["test_accuracy"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/run3/study.db")
+    points = points_of(study, 1.0, tmp_path / "no-such-folder")  # no trial files needed
+    assert {p.trial for p in points} == {0, 1}
+    assert next(p for p in points if p.trial == 1).policy == b.user_attrs[POLICY]
+
+
+def test_the_driver_waits_for_a_trial_running_elsewhere(tmp_path):
+    """A shared-storage run ends only when every claimed trial has finished: a trial another
+    worker runs is waited for (settle), so the front written after it is whole."""
+    import threading
+
+    from search.study.config import SearchConfig
+    from search.study.loop import settle
+    from search.study.storage import open_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = open_study(url, "s", 0, 1, create=True)
+    elsewhere = study.ask()  # RUNNING, claimed by "another host"
+    threading.Timer(1.5, lambda: study.tell(elsewhere, (0.5, 1.0, 10))).start()
+    ran_here = []
+    settle(study, SearchConfig(trials=1), again=lambda: ran_here.append(1), poll_s=0.1)
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert not ran_here  # nothing was missing: only waited
+
+
+def test_a_timing_on_this_cpu_holds_off_our_fine_tune_steps(tmp_path, monkeypatch):
+    """While another process holds this CPU for a timing (device_lock), a fine-tune step
+    (cpu_turn) waits; two target files for one CPU are one device."""
+    from search.devices.lock import cpu_turn, physical_device
+    from search.devices.target import load_target
+
+    monkeypatch.setenv("SEARCH_LOCK_DIR", str(tmp_path / "locks"))
+    host = load_target("host")
+    other = tmp_path / "my-cpu.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(
+        (Path(__file__).parent.parent / "targets" / "host.yaml").read_text()), "name": "my-cpu"}))
+    assert physical_device(load_target(str(other))) == physical_device(host)
+    held, released = tmp_path / "held", tmp_path / "released"
+    code = ("import time, pathlib; from search.devices.lock import device_lock; "
+            "from search.devices.target import load_target\n"
+            f"with device_lock(load_target('host')):\n"
+            f"    pathlib.Path({str(held)!r}).touch(); time.sleep(1.5)\n"
+            f"    pathlib.Path({str(released)!r}).touch()\n")
+    timing = subprocess.Popen([sys.executable, "-c", code], env={**cli_env(),
+                              "SEARCH_LOCK_DIR": str(tmp_path / "locks")})
+    deadline = time.time() + 60
+    while not held.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert held.exists()
+    with cpu_turn():
+        assert released.exists()  # the step ran only after the timing let go
+    timing.wait(timeout=60)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,13 +87,16 @@ def distill(student: nn.Module, teacher: Teacher | nn.Module, data: Split,
             options: FinetuneOptions,
             loss_fn: Loss = cross_entropy, seed: int = 0, lr: float = 3e-4, batch: int = 64,
             temperature: float = 4.0, penalized: list[nn.Parameter] | None = None,
-            on_step: Callable[[int], None] | None = None) -> nn.Module:
+            on_step: Callable[[int], None] | None = None,
+            guard: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+            ) -> nn.Module:
     """`steps` Adam steps on alpha * KL(teacher || student) at `temperature` + (1-alpha) * the
     task's loss, plus the elastic-net penalty on `penalized` weights.
 
     Raises TrialFailed on a non-finite loss, so the study records why and goes on.
     `on_step(steps_done)` is called after each step (early stopping, search.study.early_stop);
-    whatever it raises ends the fine-tune.
+    whatever it raises ends the fine-tune. Each step runs inside `guard()`: workers pass
+    `search.devices.lock.cpu_turn`, so no step runs while a candidate is timed on this CPU.
     """
     if options.steps <= 0:
         return student.eval()
@@ -101,43 +106,47 @@ def distill(student: nn.Module, teacher: Teacher | nn.Module, data: Split,
     with torch.random.fork_rng():  # dropout, a DataLoader's sampler: torch's global generator,
         torch.manual_seed(seed)  # seeded here, so a fine-tune does not depend on the past
         return _distill(student, teacher, data, options, loss_fn, seed, lr, batch, temperature,
-                        penalized, on_step)
+                        penalized, on_step, guard)
 
 
 def _distill(student: nn.Module, teacher: Teacher, data: Split, options: FinetuneOptions,
              loss_fn: Loss, seed: int, lr: float, batch: int, temperature: float,
              penalized: list[nn.Parameter] | None,
-             on_step: Callable[[int], None] | None = None) -> nn.Module:
+             on_step: Callable[[int], None] | None = None,
+             guard: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+             ) -> nn.Module:
     alpha = options.alpha
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     student.train()
     batches = data.cycle(batch, gen)
     for step in range(options.steps):
-        b = next(batches)
-        outputs = call(student, b.inputs)
-        loss = (1 - alpha) * loss_fn(outputs, b.labels) if alpha < 1 else 0.0
-        if alpha > 0:
-            soft = _log_probs(teacher(b), temperature)
-            kd = F.kl_div(_log_probs(outputs, temperature), soft, log_target=True,
-                          reduction="batchmean") * temperature**2
-            loss = loss + alpha * kd
-        if penalized and (options.l1 or options.l2):
-            loss = loss + sum(options.l1 * w.abs().sum() + options.l2 * w.pow(2).sum()
-                              for w in penalized)
-        if not math.isfinite(loss.item()):
-            raise TrialFailed(f"non-finite fine-tune loss ({loss.item()}) at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step + 1)
+        with guard():
+            b = next(batches)
+            outputs = call(student, b.inputs)
+            loss = (1 - alpha) * loss_fn(outputs, b.labels) if alpha < 1 else 0.0
+            if alpha > 0:
+                soft = _log_probs(teacher(b), temperature)
+                kd = F.kl_div(_log_probs(outputs, temperature), soft, log_target=True,
+                              reduction="batchmean") * temperature**2
+                loss = loss + alpha * kd
+            if penalized and (options.l1 or options.l2):
+                loss = loss + sum(options.l1 * w.abs().sum() + options.l2 * w.pow(2).sum()
+                                  for w in penalized)
+            if not math.isfinite(loss.item()):
+                raise TrialFailed(f"non-finite fine-tune loss ({loss.item()}) at step {step}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step + 1)
     return student.eval()
 
 
 def resume_distill(base: nn.Module, policy: Policy, example: Any,
                    state: dict[str, torch.Tensor], teacher: Teacher, data: Split,
-                   options: FinetuneOptions, loss_fn: Loss = cross_entropy, seed: int = 1
+                   options: FinetuneOptions, loss_fn: Loss = cross_entropy, seed: int = 1,
+                   guard: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
                    ) -> nn.Module:
     """`options.steps` more steps from a fine-tune's saved weights (`state`, fp32, training
     transforms attached): the policy's structure rebuilt from `base`, the same transforms,
@@ -147,5 +156,6 @@ def resume_distill(base: nn.Module, policy: Policy, example: Any,
     model = restructure(base, policy, example, data, loss_fn)
     penalized = attach_training_transforms(model, policy, options)
     model.load_state_dict(state)
-    return distill(model, teacher, data, options, loss_fn, seed=seed, penalized=penalized)
+    return distill(model, teacher, data, options, loss_fn, seed=seed, penalized=penalized,
+                   guard=guard)
 

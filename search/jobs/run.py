@@ -24,7 +24,7 @@ from search.core.task import PYTHON_TASK, Task, load_task, resolve_entry_point
 from search.devices.target import TargetSpec
 from search.report.front import write_front
 from search.study.config import SearchConfig
-from search.study.loop import measure_front, prepare_study, work
+from search.study.loop import measure_front, prepare_study, settle, work
 from search.study.runfolder import RunInfo, setup_threads, tuning_dir
 from search.study.storage import (
     STUDY_NAME,
@@ -125,18 +125,26 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                       disable=not show_progress, dynamic_ncols=True)
     trials_bar.update(min(finished_count(study), config.trials))
     bad_workers: list[int] = []
+    compiler: Compiler | None = None
+
+    def work_here() -> None:
+        nonlocal compiler
+        compiler = compiler or make_compiler(target, config, run_dir)
+        tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
+                        disable=not show_progress, dynamic_ncols=True)
+        try:
+            work(study, space, run_dir, task, target, compiler, info.budget_ms, config,
+                 on_trial=progress_callback(trials_bar, info), progress=tune_bar)
+        finally:
+            tune_bar.close()
+
     try:
         if workers > 1:
             bad_workers = run_workers(run_dir, info, workers, trials_bar, study)
         else:
-            tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
-                            disable=not show_progress, dynamic_ncols=True)
-            try:
-                work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
-                     info.budget_ms, config, on_trial=progress_callback(trials_bar, info),
-                     progress=tune_bar)
-            finally:
-                tune_bar.close()
+            work_here()
+        if info.storage and not past_deadline(config, start):  # workers on other hosts
+            settle(study, config, work_here, say=say)
     finally:
         trials_bar.close()
     latency_table = None
@@ -161,6 +169,10 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                            f"{run_dir / 'worker-logs'}); the front of the trials that "
                            f"finished is in {run_dir / 'front.json'}")
     return data
+
+
+def past_deadline(config: SearchConfig, start: float) -> bool:
+    return config.timeout is not None and time.perf_counter() - start >= config.timeout
 
 
 def why_no_result(study: optuna.Study) -> str | None:
@@ -251,10 +263,11 @@ def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "run.yaml").exists():
         info.save(run_dir)
-    config = dataclasses.replace(info.config, seed=info.config.seed + worker_id)
+    config = info.config  # the run's seed: fine-tunes seed from it and the policy alone
     task = load_task(config.task, **config.task_args)
     study, space = prepare_study(run_dir, task, config, url, study_name, resume=True,
-                                 run_info=run, own_storage=False)
+                                 run_info=run, own_storage=False,
+                                 sampler_seed=config.seed + worker_id)
     before = finished_count(study)
     work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
          info.budget_ms, config)

@@ -27,7 +27,7 @@ from search.core.errors import UserError
 from search.core.task import Task
 from search.finetune.distill import Teacher, resume_distill
 from search.study.config import SearchConfig
-from search.study.evaluate import TRAINABLE
+from search.study.evaluate import TRAINABLE, finetune_seed
 
 FINETUNED = "finetuned.pt"  # the deployed model after the long fine-tune (export prefers it)
 FINETUNED_INFO = "finetuned.json"
@@ -71,7 +71,7 @@ def finetune_trial(run_dir: Path, trial: int, steps: int, task: Task,
     model = resume_distill(task.model, policy, task.example,
                            torch.load(trial_dir / TRAINABLE, weights_only=True),
                            Teacher(task.model, task.train), task.train, options, task.loss,
-                           seed=config.seed + 2)  # (+1 is the search's own longer fine-tune)
+                           seed=finetune_seed(config.seed, policy) + 2)  # (+1: the search's)
     deployed = apply_precision(model, policy, task.train)
     test_after = evaluate(deployed, task.test, task.metric)
     val_after = evaluate(deployed, task.val, task.metric)

@@ -4,6 +4,8 @@ and time it, into a TrialResult (an expected failure is TrialFailed, recorded by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from search.compress.policy import Policy
 from search.compress.size import ModelStats, model_stats
 from search.core.data import evaluate
 from search.core.task import Task
+from search.devices.lock import cpu_turn
 from search.devices.target import TargetSpec
 from search.finetune.distill import (
     Teacher,
@@ -32,6 +35,14 @@ from search.study.config import SearchConfig
 from search.study.early_stop import Hopeless, checkpoints
 
 TRAINABLE = "trainable.pt"  # a trial's fine-tuned fp32 weights, before precision is applied
+
+
+def finetune_seed(run_seed: int, policy: Policy) -> int:
+    """The fine-tune's seed: from the run's seed and the policy alone, so one policy gets one
+    accuracy whichever worker runs it, first time or retried (the sampler's seed is the
+    worker's own, so workers propose different trials)."""
+    text = json.dumps([run_seed, policy.to_dict()], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -108,11 +119,13 @@ class Evaluator:
         options = dataclasses.replace(self.config.finetune_options(), steps=steps)
         trained = resume_distill(task.model, policy, task.example, self.trainable,
                                  self.teacher, task.train, options, task.loss,
-                                 seed=self.config.seed + 1)
+                                 seed=finetune_seed(self.config.seed, policy) + 1,
+                                 guard=cpu_turn)
         self.trainable = {k: v.detach().clone() for k, v in trained.state_dict().items()}
         model = apply_precision(trained, policy, task.train)
-        val, test = evaluate(model, task.val, task.metric), evaluate(model, task.test,
-                                                                      task.metric)
+        with cpu_turn():
+            val, test = evaluate(model, task.val, task.metric), evaluate(model, task.test,
+                                                                          task.metric)
         return dataclasses.replace(
             result, val_accuracy=val, test_accuracy=test, recovered_steps=steps,
             short_val_accuracy=result.val_accuracy, short_test_accuracy=result.test_accuracy,
@@ -143,14 +156,16 @@ class Evaluator:
                                            predicted.ms, known.total, curve)
             elif curve is not None:
                 on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
-            distill(model, self.teacher, task.train, options, task.loss, seed=self.config.seed,
+            distill(model, self.teacher, task.train, options, task.loss,
+                    seed=finetune_seed(self.config.seed, policy), guard=cpu_turn,
                     penalized=penalized, on_step=on_step)
             self.trainable = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.trainable = None
         model = apply_precision(model, policy, task.train)
-        val_accuracy = evaluate(model, task.val, task.metric)
-        test_accuracy = evaluate(model, task.test, task.metric)
+        with cpu_turn():  # (not while a candidate is timed on this CPU)
+            val_accuracy = evaluate(model, task.val, task.metric)
+            test_accuracy = evaluate(model, task.test, task.metric)
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
         if predicted is not None and not identity:  # (the baseline is measured whole below)

@@ -36,12 +36,13 @@ from search.study.allocate import allocate
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
-from search.study.points import DUPLICATE_OF
+from search.study.points import DUPLICATE_OF, POLICY
 from search.study.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
     claimed_count,
     fail_interrupted,
     failed_for_real,
+    finished_count,
     has_baseline,
     open_study,
 )
@@ -116,6 +117,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
 
     def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
         policy = suggest_policy(trial, space, knobs)
+        trial.set_user_attr(POLICY, policy.to_dict())  # the study alone rebuilds the point
         trial_dir = run_dir / "trials" / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         policy.save(trial_dir / "policy.yaml")
@@ -245,12 +247,13 @@ def save_traceback(run_dir: Path, trial: int, exc: BaseException) -> Path:
 
 def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
                   resume: bool, run_info: dict[str, Any], own_storage: bool,
-                  say: Callable[[str], None] = lambda _: None, progress: Any | None = None
-                  ) -> tuple[optuna.Study, list[LayerSpace]]:
+                  say: Callable[[str], None] = lambda _: None, progress: Any | None = None,
+                  sampler_seed: int | None = None) -> tuple[optuna.Study, list[LayerSpace]]:
     """Create the study (seeded; the run's settings, sensitivity and search space stored as
     study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(url, name, config.seed, config.startup_trials, create=not resume,
+    study = open_study(url, name, config.seed if sampler_seed is None else sampler_seed,
+                       config.startup_trials, create=not resume,
                        heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s,
                        sampler=config.sampler)
     if resume:
@@ -345,6 +348,36 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
         # NOTE: only a candidate's own failure is caught (recorded FAIL, the study goes on);
         # anything else is recorded FAIL by Optuna and raised: a bug stops the run
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+
+
+def running_elsewhere(study: optuna.Study) -> int:
+    """Trials claimed by workers (on any host) and not finished; a dead worker's trials are
+    failed here once their heartbeat is stale (and queued again: RetryFailedTrialCallback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def settle(study: optuna.Study, config: SearchConfig, again: Callable[[], None],
+           poll_s: float = 2.0, say: Callable[[str], None] = lambda _: None) -> None:
+    """Wait until every claimed trial has finished or been failed by its heartbeat, so the
+    front is whole: a trial still running on another host is waited for; one that died there
+    and was queued again is run here (`again`)."""
+    told, idle = False, False
+    while True:
+        running = running_elsewhere(study)
+        if claimed_count(study) < config.trials and not idle:
+            before = finished_count(study)
+            again()
+            idle = finished_count(study) == before  # nothing ran (the timeout): just wait
+            continue
+        if not running:
+            return
+        if not told:
+            say(f"waiting for {running} trial(s) still running on other workers ...")
+            told = True
+        time.sleep(poll_s)
 
 
 def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,

@@ -13,6 +13,7 @@ from search.backend.provenance import Provenance
 from search.compress.policy import Policy
 
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial that reused an earlier one's figures
+POLICY = "policy"  # user attr: the trial's whole policy (every layer, every knob)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Poin
         if m and "error" not in m:
             a.update(latency_ms=m["measured_ms"], latency_p25_ms=m["measured_iqr_ms"][0],
                      latency_p75_ms=m["measured_iqr_ms"][1], latency_source=m["source"])
-        policy = Policy.load(run_dir / "trials" / f"{t.number:04d}" / "policy.yaml")
+        policy = Policy.from_dict(a[POLICY]) if POLICY in a else \
+            Policy.load(run_dir / "trials" / f"{t.number:04d}" / "policy.yaml")  # (before 0.3)
         points.append(Point(t.number, a["test_accuracy"], a["val_accuracy"], a["latency_ms"],
                             a["latency_p25_ms"],
                             a["latency_p75_ms"], Provenance.from_dict(a["latency_source"]),
