@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from search.api import Front, open_front, search
+    from search.api import Front, open_front, search, shared_front
     from search.core.data import Split
     from search.core.task import Task
     from search.study.config import SearchConfig
 
-__all__ = ["Front", "SearchConfig", "Split", "Task", "open_front", "search"]
+__all__ = ["Front", "SearchConfig", "Split", "Task", "open_front", "search", "shared_front"]
 
 _WHERE = {"search": "search.api", "open_front": "search.api", "Front": "search.api",
+          "shared_front": "search.api",
           "Task": "search.core.task", "Split": "search.core.data",
           "SearchConfig": "search.study.config"}
 

@@ -63,8 +63,8 @@ def search(task: Task | str | None = None, target: str = "host", budget: str | f
            *, trials: int | None = None, out: str | Path | None = None,
            config: SearchConfig | str | Path | None = None, resume: bool = False,
            workers: int = 1, storage: str | None = None, study: str | None = None,
-           device: dict[str, str] | None = None, progress: bool = True,
-           **settings: Any) -> Front:
+           device: dict[str, str] | None = None, artifacts: str | None = None,
+           progress: bool = True, **settings: Any) -> Front:
     """Search compression policies for `task` on `target` within `budget`, and return the front.
 
     Args:
@@ -77,7 +77,8 @@ def search(task: Task | str | None = None, target: str = "host", budget: str | f
             `resume`.
         config: a SearchConfig, or a YAML file (configs/default.yaml lists every key);
             `settings` override single keys (finetune_steps=30, knobs=[...], ...).
-        workers / storage / study / device: as `search run --workers/--storage/--study/--rpc`.
+        workers / storage / study / device / artifacts: as `search run --workers/--storage/
+            --study/--rpc/--artifacts`.
     """
     if resume:
         if out is None:
@@ -87,6 +88,7 @@ def search(task: Task | str | None = None, target: str = "host", budget: str | f
         target, budget_ms = info.target, info.budget_ms
         device = device or info.device
         storage, study = storage or info.storage, study or info.study
+        artifacts = artifacts or info.artifacts
     else:
         cfg = _config(config, settings)
         budget_ms = _budget_ms(budget)
@@ -107,7 +109,7 @@ def search(task: Task | str | None = None, target: str = "host", budget: str | f
     run_dir = Path(out) if out is not None else \
         Path("runs") / f"{Path(target).stem}-{budget if isinstance(budget, str) else budget_ms}"
     spec, info = prepare(target, budget_ms, cfg, run_dir, resume=resume, device=device,
-                         storage=storage, study=study)
+                         storage=storage, study=study, artifacts=artifacts)
     data = run_search(run_dir, spec, info, resume, show_progress=progress, workers=workers,
                       task=task if isinstance(task, Task) else None)
     return Front(run_dir, data, task if isinstance(task, Task) else None)
@@ -127,6 +129,17 @@ def open_front(run_dir: str | Path, task: Task | None = None) -> Front:
         raise UserError(f"{path} is not valid JSON ({exc}); run `search run --out {run_dir} "
                         f"--resume` to write it again") from None
     return Front(run_dir, data, task)
+
+
+def shared_front(storage: str, study: str, out: str | Path | None = None,
+                 artifacts: str | None = None, task: Task | None = None) -> Front:
+    """The front of a study on shared storage as it is now (every worker's trials), written
+    into `out` (default runs/STUDY); its points' files come from the artifact store."""
+    from search.jobs.run import joined_run, refresh_front
+
+    run_dir = Path(out) if out is not None else Path("runs") / study
+    info, _ = joined_run(study, storage, run_dir, artifacts)
+    return Front(run_dir, refresh_front(run_dir, info), task)
 
 
 @dataclass

@@ -25,6 +25,7 @@ examples:
   search run --target host --budget 5ms --workers 2   # two trial workers, one study
   search run --storage postgresql://u:pw@db/search --study nightly --target host --budget 5ms
   search worker nightly --storage postgresql://u:pw@db/search   # on more machines
+  search front --storage postgresql://u:pw@db/search --study nightly   # from any machine
   search show runs/host-5ms 7 --latency          # trial 7 layer by layer, each layer timed
   search compare runs/host-5ms runs/host-5ms-b   # two fronts: hypervolume, points dominated
   search targets                                 # devices this checkout knows
@@ -79,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="an Optuna RDB storage shared with workers on other machines, e.g. "
                           "postgresql://user:pw@db/search [default: RUN_FOLDER/study.db]")
     run.add_argument("--study", help="study name in --storage [default: the run folder's name]")
+    run.add_argument("--artifacts", metavar="DIR|s3://BUCKET",
+                     help="Optuna artifact store for the trials' weights and files: a folder "
+                          "every worker reaches (NFS) or an S3 bucket "
+                          "[default: RUN_FOLDER/artifacts]")
 
     worker = sub.add_parser(
         "worker", help="join a study on a shared storage and run its trials",
@@ -92,12 +97,32 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", type=int, default=0,
                         help="offsets the sampler seed so workers propose different trials "
                              "(fine-tunes seed from the run and the policy alone)")
+    worker.add_argument("--artifacts", metavar="DIR|s3://BUCKET",
+                        help="this host's path to the run's artifact store, where it is "
+                             "mounted elsewhere [default: the path the run stored]")
     worker.add_argument("--rpc", metavar="HOST:PORT", help="this worker's device (overrides)")
     worker.add_argument("--tracker", metavar="HOST:PORT", help="this worker's tracker")
     worker.add_argument("--key", help="the tracker key")
 
-    front = sub.add_parser("front", help="print a run's Pareto front table")
-    front.add_argument("run_dir", type=Path)
+    front = sub.add_parser(
+        "front", help="print a run's Pareto front table (recomputed from a shared storage)",
+        description="Print the Pareto front of a run folder. A run on a shared storage (or "
+                    "--storage URL --study NAME, from any machine) is recomputed from the "
+                    "study as it is now, the trials of every worker and host included, and "
+                    "written into the folder; `search export/show/finetune FOLDER N` then "
+                    "fetch a trial's files from the artifact store.",
+        epilog="examples:\n  search front runs/host-5ms\n"
+               "  search front --storage postgresql://u:pw@db/search --study nightly "
+               "--out runs/nightly\n  search export runs/nightly 7",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    front.add_argument("run_dir", type=Path, nargs="?",
+                       help="run folder [with --storage: where to write it, default "
+                            "runs/STUDY]")
+    front.add_argument("--storage", metavar="URL", help="the study's Optuna RDB URL")
+    front.add_argument("--study", help="the study's name in --storage")
+    front.add_argument("--artifacts", metavar="DIR|s3://BUCKET",
+                       help="this host's path to the run's artifact store [default: the "
+                            "path the run stored]")
     front.add_argument("--json", action="store_true", help="print front.json instead")
 
     export = sub.add_parser("export", help="write a front point as ONNX + TVM library + policy")
@@ -191,7 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         front = search(args.task, args.target, args.budget, trials=args.trials, out=out,
                        config=args.config, resume=args.resume, workers=args.workers,
                        storage=args.storage, study=args.study, device=device or None,
-                       **settings)
+                       artifacts=args.artifacts, **settings)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished trials are kept. Continue with: "
               f"search run --out {out} --resume", file=sys.stderr)
@@ -212,18 +237,34 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     device = {k: v for k, v in (("rpc", args.rpc), ("tracker", args.tracker),
                                 ("key", args.key)) if v}
     out = args.out or Path("runs") / args.study
-    done = run_worker(args.study, args.storage, out, args.worker_id, device)
+    done = run_worker(args.study, args.storage, out, args.worker_id, device, args.artifacts)
     print(f"worker {args.worker_id}: {done} trials finished; files in {out}")
     return 0
 
 
 def _cmd_front(args: argparse.Namespace) -> int:
+    from search.jobs.run import joined_run, refresh_front
     from search.report.compare import load_front
     from search.report.front import table
+    from search.study.runfolder import RunInfo
 
-    if not (args.run_dir / "front.json").exists():
-        raise UserError(f"no front.json in {str(args.run_dir)!r}: is it a finished run folder?")
-    _, data = load_front(args.run_dir)  # (checks run.yaml and front.json: one-line errors)
+    if args.storage or args.study:
+        if not (args.storage and args.study):
+            raise UserError("a front from a shared storage needs both --storage URL and "
+                            "--study NAME")
+        run_dir = args.run_dir or Path("runs") / args.study
+        info, _ = joined_run(args.study, args.storage, run_dir, args.artifacts)
+        data = refresh_front(run_dir, info)
+    elif args.run_dir is None:
+        raise UserError("name a run folder (search front RUN_FOLDER), or a shared study "
+                        "(search front --storage URL --study NAME)")
+    elif (args.run_dir / "run.yaml").exists() and RunInfo.load(args.run_dir).storage:
+        data = refresh_front(args.run_dir, RunInfo.load(args.run_dir))  # (other hosts' too)
+    else:
+        if not (args.run_dir / "front.json").exists():
+            raise UserError(f"no front.json in {str(args.run_dir)!r}: is it a finished run "
+                            f"folder?")
+        _, data = load_front(args.run_dir)  # (checks run.yaml and front.json: one-line errors)
     print(json.dumps(data, indent=1) if args.json else table(data))
     return 0
 

@@ -204,28 +204,42 @@ def test_unstructured_pruning_is_opt_in_and_shrinks_only_the_estimate(tmp_path):
 
 
 def test_optuna_dashboard_opens_the_study(tiny_run):
-    """The standard Optuna UI reads the run: its API lists the study, named objectives, trials."""
+    """The standard Optuna UI reads the run: its API lists the study, named objectives, trials,
+    and serves each trial's files from the artifact store (`--artifact-dir RUN/artifacts`)."""
     from wsgiref.util import setup_testing_defaults
 
     import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
 
-    out, _ = tiny_run
-    app = optuna_dashboard.wsgi(f"sqlite:///{out / 'study.db'}")
+    out, data = tiny_run
+    app = optuna_dashboard.wsgi(f"sqlite:///{out / 'study.db'}",
+                                FileSystemArtifactStore(out / "artifacts"))
 
-    def get(path: str) -> dict:
+    def get(path: str) -> bytes:
         env: dict = {}
         setup_testing_defaults(env)
         env["PATH_INFO"] = path
         status = []
         body = b"".join(app(env, lambda s, h, e=None: status.append(s)))
         assert status[0].startswith("200"), status
-        return json.loads(body)
+        return body
 
-    studies = get("/api/studies")["study_summaries"]
+    studies = json.loads(get("/api/studies"))["study_summaries"]
     assert [s["study_name"] for s in studies] == ["search"]
-    study = get(f"/api/studies/{studies[0]['study_id']}")
+    study = json.loads(get(f"/api/studies/{studies[0]['study_id']}"))
     assert len(study["trials"]) == 6
     assert study["directions"] == ["maximize", "minimize", "minimize"]
+    on_front = {p["trial"] for p in data["points"]} - {data["baseline"]["trial"]}
+    for trial in study["trials"]:
+        files = {a["filename"]: a for a in trial["artifacts"]}
+        assert {"policy.yaml", "result.json"} <= set(files), trial["number"]
+        policy = get(f"/artifacts/{trial['study_id']}/{trial['trial_id']}/"
+                     f"{files['policy.yaml']['artifact_id']}")
+        assert yaml.safe_load(policy)["layers"] == \
+            yaml.safe_load((out / "trials" / f"{trial['number']:04d}" / "policy.yaml")
+                           .read_text())["layers"]
+        if trial["number"] in on_front:  # weights: kept for front points, in the store only
+            assert "model.pt" in files and "trainable.pt" in files
 
 
 def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error(tmp_path):

@@ -181,6 +181,7 @@ def test_one_policy_gets_one_accuracy_whichever_worker_runs_it(tmp_path):
     import torch
 
     from search.study.points import POLICY, points_of
+    from search.study.runfolder import trial_file
 
     config = write_config(tmp_path / "c.yaml", trials=1, finetune_steps=40)
     results = []
@@ -202,7 +203,8 @@ def test_one_policy_gets_one_accuracy_whichever_worker_runs_it(tmp_path):
         assert ran.returncode == 0, ran.stderr[-2000:]
         trial = optuna.load_study(study_name="search", storage=url).trials[1]
         assert trial.state == optuna.trial.TrialState.COMPLETE and trial.params == params
-        weights = torch.load(out / "trials" / "0001" / "model.pt", weights_only=True)
+        assert not (out / "trials" / "0001" / "model.pt").exists()  # kept in the store only
+        weights = torch.load(trial_file(out, 1, "model.pt"), weights_only=True)
         results.append((trial, weights))
     (a, wa), (b, wb) = results
     assert a.user_attrs["val_accuracy"] == b.user_attrs["val_accuracy"]
@@ -260,3 +262,99 @@ def test_a_timing_on_this_cpu_holds_off_our_fine_tune_steps(tmp_path, monkeypatc
     with cpu_turn():
         assert released.exists()  # the step ran only after the timing let go
     timing.wait(timeout=60)
+
+
+def host_env(root: Path) -> dict[str, str]:
+    """A "host" on this machine: its own HOME and cache folder (trained task, tuning
+    database); the lock folder stays machine-wide (one CPU)."""
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return {**cli_env(), "HOME": str(root / "home"), "SEARCH_CACHE_DIR": str(root / "cache")}
+
+
+def on_host(env: dict[str, str], *args: str, timeout: float = 900
+            ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_hosts_share_a_postgresql_study_and_an_artifact_store(tmp_path, postgres):
+    """Host a runs the study (`search run --storage`), host b joins it (`search worker`); each
+    has its own HOME, --out and cache folders, and they share only PostgreSQL and one artifact
+    store. b is killed -9 mid-trial: no finished trial is lost, its trial runs again, and the
+    run on a ends only when every claimed trial has finished. The front seen from either host
+    lists every trial, and a trial that ran on one host exports on the other."""
+    store = tmp_path / "shared-artifacts"
+    env = {h: host_env(tmp_path / h) for h in ("a", "b")}
+    config = write_config(tmp_path / "c.yaml", trials=1, finetune_steps=300, heartbeat_s=1,
+                          heartbeat_grace_s=3)
+    run_a = tmp_path / "a" / "run"
+    made = on_host(env["a"], "run", "--config", str(config), "--budget", "1ms", "--out",
+                   str(run_a), "--storage", postgres, "--study", "two", "--artifacts",
+                   str(store))
+    assert made.returncode == 0, made.stderr[-2000:]
+    driver = subprocess.Popen([sys.executable, "-m", "search", "run", "--out", str(run_a),
+                               "--resume", "--trials", "6"], env=env["a"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="two", storage=postgres)
+    deadline = time.time() + 300
+    while study.user_attrs["run"]["config"]["trials"] != 6 and time.time() < deadline:
+        time.sleep(0.2)  # the resumed run has stored its new trial count
+        study = optuna.load_study(study_name="two", storage=postgres)
+    worker_args = ["worker", "two", "--storage", postgres, "--out", str(tmp_path / "b" / "run")]
+    doomed = subprocess.Popen([sys.executable, "-m", "search", *worker_args], env=env["b"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="two", storage=postgres)
+    deadline, on_b = time.time() + 300, []
+    while time.time() < deadline and not on_b and doomed.poll() is None:
+        on_b = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")]
+        time.sleep(0.2)
+    assert on_b, f"host b never started a trial: {doomed.poll()} " + \
+        (doomed.stderr.read()[-2000:] if doomed.poll() is not None else "")
+    time.sleep(1)  # into its fine-tune
+    doomed.kill()
+    doomed.wait()
+    again = on_host(env["b"], *worker_args, "--worker-id", "1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert driver.wait(timeout=900) == 0, driver.stderr.read()[-2000:]
+
+    study = optuna.load_study(study_name="two", storage=postgres)
+    dead = study.trials[on_b[0].number]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].params == dead.params
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 6 and not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    pid_a = f":{driver.pid}"
+    ran_on_a = {t.number for t in done if t.user_attrs["worker"].endswith(pid_a)}
+    ran_on_b = {t.number for t in done} - ran_on_a
+    assert ran_on_a and ran_on_b
+    listed = {t.number for t in done if DUPLICATE_OF not in t.user_attrs}
+
+    fronts = {}
+    for host in ("a", "b"):
+        folder = tmp_path / host / "front"
+        seen = on_host(env[host], "front", "--storage", postgres, "--study", "two",
+                       str(folder), "--json")
+        assert seen.returncode == 0, seen.stderr[-2000:]
+        data = json.loads(seen.stdout)
+        assert data["trials"]["complete"] == len(listed)  # every host's trials
+        assert dead.number in {f["trial"] for f in data["trials"]["failed"]}
+        fronts[host] = (folder, data)
+    assert fronts["a"][1]["points"] == fronts["b"][1]["points"]
+    on_front = {p["trial"] for p in fronts["a"][1]["points"]}
+    base = fronts["a"][1]["baseline"]["trial"]
+    for here, other in (("a", ran_on_b), ("b", ran_on_a)):
+        pick = sorted((on_front & other) - {base})
+        if not pick:
+            continue
+        folder = fronts[here][0]
+        assert not (folder / "trials" / f"{pick[0]:04d}" / "model.pt").exists()
+        out = on_host(env[here], "export", str(folder), str(pick[0]), "--out",
+                      str(tmp_path / here / "export"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert (tmp_path / here / "export" / "model.onnx").stat().st_size > 0
+        assert list((tmp_path / here / "export").glob("model_*.so"))
+    assert any(sorted((on_front & other) - {base}) for other in (ran_on_a, ran_on_b))

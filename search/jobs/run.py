@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from search.core.errors import SearchFailed, UserError
 from search.core.task import PYTHON_TASK, Task, load_task, resolve_entry_point
 from search.devices.target import TargetSpec
 from search.report.front import write_front
+from search.study.artifacts import DEFAULT_FOLDER
 from search.study.config import SearchConfig
 from search.study.loop import measure_front, prepare_study, settle, work
 from search.study.runfolder import RunInfo, setup_threads, tuning_dir
@@ -78,12 +80,14 @@ def check_storage(url: str) -> None:
 
 def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: Path,
             resume: bool, device: dict[str, str | None] | None = None,
-            storage: str | None = None, study: str | None = None
-            ) -> tuple[TargetSpec, RunInfo]:
+            storage: str | None = None, study: str | None = None,
+            artifacts: str | None = None) -> tuple[TargetSpec, RunInfo]:
     """All the checks that need no work: a bad input stops here with one line."""
     config.check("settings")  # again: flags and the Python API set fields after loading
+    if storage and artifacts is None:  # workers elsewhere find the store by this path
+        artifacts = str((run_dir / DEFAULT_FOLDER).resolve())
     info = RunInfo(target_name, budget_ms, config, device or {}, storage,
-                   study or (run_dir.name if storage else STUDY_NAME))
+                   study or (run_dir.name if storage else STUDY_NAME), artifacts)
     target = info.load_target()
     target.check()  # a device target: the device answers, before anything is trained
     if not config.task.startswith(PYTHON_TASK):
@@ -91,6 +95,7 @@ def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: P
     check_out_dir(run_dir, resume, own_storage=storage is None)
     if storage:
         check_storage(storage)
+    info.store(run_dir)  # (one line if it cannot be written)
     info.save(run_dir)
     return target, info
 
@@ -134,7 +139,8 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                         disable=not show_progress, dynamic_ncols=True)
         try:
             work(study, space, run_dir, task, target, compiler, info.budget_ms, config,
-                 on_trial=progress_callback(trials_bar, info), progress=tune_bar)
+                 info.store(run_dir), on_trial=progress_callback(trials_bar, info),
+                 progress=tune_bar)
         finally:
             tune_bar.close()
 
@@ -152,7 +158,7 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
         say("measuring the front's points whole (their latency was predicted) ...")
         latency_table = measure_front(study, run_dir, task, target,
                                       make_compiler(target, config, run_dir), info.budget_ms)
-    data = write_front(run_dir, study, info.budget_ms, target.name)
+    data = write_front(run_dir, study, info.budget_ms, target.name, info.store(run_dir))
     if latency_table is not None:
         data["latency_table"] = latency_table
     failure = why_no_result(study)
@@ -224,7 +230,8 @@ def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
     for i in range(workers):
         log = open(log_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, "-m", "search", "worker", info.study, "--storage", url,
-               "--out", str(run_dir), "--worker-id", str(i)]
+               "--out", str(run_dir), "--worker-id", str(i),
+               "--artifacts", info.artifact_location(run_dir)]
         env = {**os.environ, "SEARCH_WORKERS_HERE": str(workers)}  # torch threads per worker
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                       log))
@@ -245,24 +252,39 @@ def run_workers(run_dir: Path, info: RunInfo, workers: int, bar: tqdm,
     return [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, None)]
 
 
-def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
-               device: dict[str, str | None] | None = None) -> int:
-    """Join a study from its storage alone (its user attrs hold the run's settings) and run
-    trials until it has enough. Returns how many trials this worker finished."""
+def joined_run(study_name: str, url: str, run_dir: Path, artifacts: str | None = None,
+               device: dict[str, str | None] | None = None) -> tuple[RunInfo, dict[str, Any]]:
+    """The settings of a study on shared storage (its `run` attr), as seen from this host:
+    the storage URL this host reaches it by, this host's path to the artifact store and
+    device if given. Saved as `run_dir`/run.yaml, so front/export/show work from that folder.
+    Returns them and the study's own `run` attr."""
     check_storage(url)
     probe = open_study(url, study_name, 0, 1, create=False)
     run = probe.user_attrs.get("run")
     if not run:
         raise UserError(f"study {study_name!r} was not made by `search run` (no run settings)")
-    info = RunInfo.from_dict(run)
+    info = dataclasses.replace(RunInfo.from_dict(run, f"study {study_name!r}: run settings"),
+                               storage=url, study=study_name)
+    if artifacts:
+        info = dataclasses.replace(info, artifacts=artifacts)
     if device:
         info = dataclasses.replace(info, device={**info.device, **device})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info.store(run_dir)  # (one line if this host cannot reach it)
+    if not (run_dir / "run.yaml").exists():  # (a local worker shares the driver's folder)
+        info.save(run_dir)
+    return info, run
+
+
+def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
+               device: dict[str, str | None] | None = None, artifacts: str | None = None
+               ) -> int:
+    """Join a study from its storage alone (its user attrs hold the run's settings) and run
+    trials until it has enough. Returns how many trials this worker finished."""
+    info, run = joined_run(study_name, url, run_dir, artifacts, device)
     target = info.load_target()
     target.check()
     setup_threads(target)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "run.yaml").exists():
-        info.save(run_dir)
     config = info.config  # the run's seed: fine-tunes seed from it and the policy alone
     task = load_task(config.task, **config.task_args)
     study, space = prepare_study(run_dir, task, config, url, study_name, resume=True,
@@ -270,8 +292,30 @@ def run_worker(study_name: str, url: str, run_dir: Path, worker_id: int = 0,
                                  sampler_seed=config.seed + worker_id)
     before = finished_count(study)
     work(study, space, run_dir, task, target, make_compiler(target, config, run_dir),
-         info.budget_ms, config)
+         info.budget_ms, config, info.store(run_dir))
     return finished_count(study) - before
+
+
+def refresh_front(run_dir: Path, info: RunInfo) -> dict[str, Any]:
+    """The front recomputed from the study as it is now (the trials of every host and worker
+    included), written into `run_dir` like a run's; what only the run itself measured (the
+    ONNX Runtime reference, workers, wall time) is kept from its front.json if there is one."""
+    check_storage(info.url(run_dir))
+    study = open_study(info.url(run_dir), info.study, 0, 1, create=False)
+    target = info.load_target()
+    old: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((run_dir / "front.json").read_text())
+    data = write_front(run_dir, study, info.budget_ms, target.name, info.store(run_dir))
+    data["tuning"] = tuning_summary(study, info.config, tuning_dir(target))
+    for key in ("reference", "workers", "wall_s", "latency_table"):
+        if isinstance(old, dict) and key in old:
+            data[key] = old[key]
+    data.setdefault("reference", None)
+    data["running"] = len(study.get_trials(deepcopy=False,
+                                           states=(optuna.trial.TrialState.RUNNING,)))
+    (run_dir / "front.json").write_text(json.dumps(data, indent=1))
+    return data
 
 
 def tuning_summary(study: optuna.Study, config: SearchConfig, db_dir: Path) -> dict[str, Any]:

@@ -62,7 +62,6 @@ def export_trial(run_dir: Path, trial: int, out: Path, task: Any = None) -> Expo
     from search.study.runfolder import RunInfo, setup_threads, tuning_dir
 
     info = RunInfo.load(run_dir)
-    trial_dir = run_dir / "trials" / f"{trial:04d}"
     target = info.load_target()
     setup_threads(target)
     if task is None:
@@ -86,7 +85,7 @@ def export_trial(run_dir: Path, trial: int, out: Path, task: Any = None) -> Expo
         to_onnx(runnable, task.example, partial / "model.onnx")
         err = check_onnx(partial / "model.onnx", task.example, reference,
                          atol=output_tolerance(policy, 1e-4))
-        shutil.copy(trial_dir / "policy.yaml", partial / "policy.yaml")
+        policy.save(partial / "policy.yaml")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

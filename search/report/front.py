@@ -12,11 +12,14 @@ import optuna
 
 from search.backend.provenance import Provenance
 from search.compress.policy import Policy
+from search.study.artifacts import WEIGHTS, ArtifactStore, drop_trial_files
 from search.study.points import Point, failures_of, pareto, points_of
 
 
-def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: str) -> dict:
-    """Write front.json / front.csv / pareto.png (+ .html with plotly) / front/*.yaml."""
+def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: str,
+                store: ArtifactStore | None = None) -> dict:
+    """Write front.json / front.csv / pareto.png (+ .html with plotly) / front/*.yaml; the
+    weights of points off the front are dropped (here and from the artifact `store`)."""
     points = points_of(study, budget_ms, run_dir)
     base = next((p for p in points
                  if study.trials[p.trial].user_attrs.get("uncompressed")), None)
@@ -49,8 +52,10 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
     on_front = {p.trial for p in front}
     for p in points:  # dominated now means dominated forever: their weights are not needed
         if p.trial not in on_front:
-            for name in ("model.pt", "trainable.pt"):
+            for name in WEIGHTS:
                 (run_dir / "trials" / f"{p.trial:04d}" / name).unlink(missing_ok=True)
+            if store is not None:
+                drop_trial_files(study, store, p.trial, WEIGHTS)
     policies = run_dir / "front"
     shutil.rmtree(policies, ignore_errors=True)
     policies.mkdir()
@@ -135,6 +140,9 @@ def table(data: dict) -> str:
     base = data.get("baseline")
     lines = [f"Pareto front on {data['target']} (budget {data['budget_ms']:g} ms); "
              f"{data['trials']['complete']} complete, {len(data['trials']['failed'])} failed"]
+    if data.get("running"):
+        lines.append(f"{data['running']} trial(s) still running on workers: run `search front` "
+                     f"again later for the whole front")
     if data.get("emulated"):
         lines.append("EMULATED: latencies were timed under emulation, not on the device; "
                      "they rank candidates, they are not the device's latency")

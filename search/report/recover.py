@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from search.compress.build import apply_precision
-from search.compress.policy import Policy
 from search.core.data import evaluate
 from search.core.errors import UserError
 from search.core.task import Task
 from search.finetune.distill import Teacher, resume_distill
+from search.study.artifacts import upload_late_trial_file
 from search.study.config import SearchConfig
 from search.study.evaluate import TRAINABLE, finetune_seed
+from search.study.runfolder import RunInfo, run_study, trial_file, trial_policy
 
 FINETUNED = "finetuned.pt"  # the deployed model after the long fine-tune (export prefers it)
 FINETUNED_INFO = "finetuned.json"
@@ -56,28 +57,32 @@ def finetune_trial(run_dir: Path, trial: int, steps: int, task: Task,
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     trial_dir = run_dir / "trials" / f"{trial:04d}"
-    if not (trial_dir / "policy.yaml").exists():
-        raise UserError(f"run {str(run_dir)!r} has no trial {trial}; "
-                        f"pick one from `search front {run_dir}`")
-    policy = Policy.load(trial_dir / "policy.yaml")
+    policy = trial_policy(run_dir, trial)
     if all(lp.is_identity for lp in policy.layers.values()):
         raise UserError(f"trial {trial} is the uncompressed model: there is nothing to recover")
-    if not (trial_dir / TRAINABLE).exists():
+    trainable = trial_file(run_dir, trial, TRAINABLE)
+    result = trial_file(run_dir, trial, "result.json")
+    if trainable is None or result is None:
         raise UserError(f"trial {trial} kept no fine-tuned weights (it is off the front, or "
                         f"failed); pick a trial from `search front {run_dir}`")
-    result = json.loads((trial_dir / "result.json").read_text())
+    before = json.loads(result.read_text())
     start = time.perf_counter()
     options = dataclasses.replace(config.finetune_options(), steps=steps)
     model = resume_distill(task.model, policy, task.example,
-                           torch.load(trial_dir / TRAINABLE, weights_only=True),
+                           torch.load(trainable, weights_only=True),
                            Teacher(task.model, task.train), task.train, options, task.loss,
                            seed=finetune_seed(config.seed, policy) + 2)  # (+1: the search's)
     deployed = apply_precision(model, policy, task.train)
     test_after = evaluate(deployed, task.test, task.metric)
     val_after = evaluate(deployed, task.val, task.metric)
     torch.save(deployed.state_dict(), trial_dir / FINETUNED)
-    done = Finetuned(trial, steps, float(result["test_accuracy"]), test_after,
-                     float(result["val_accuracy"]), val_after,
+    done = Finetuned(trial, steps, float(before["test_accuracy"]), test_after,
+                     float(before["val_accuracy"]), val_after,
                      round(time.perf_counter() - start, 1), str(trial_dir / FINETUNED))
     (trial_dir / FINETUNED_INFO).write_text(json.dumps(done.to_dict(), indent=1))
+    study = run_study(run_dir)
+    if study is not None:  # every host's `export` then writes the fine-tuned model
+        store = RunInfo.load(run_dir).store(run_dir)
+        for name in (FINETUNED, FINETUNED_INFO):
+            upload_late_trial_file(store, study, trial, trial_dir / name)
     return done, deployed.eval()

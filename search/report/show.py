@@ -176,16 +176,17 @@ def _sensitivity(run_dir: Path) -> dict[tuple[str, str, str], float]:
 
 def _trial_files(run_dir: Path, trial: int, front: Mapping[str, Any]) -> dict[str, Any]:
     """The trial's result.json, or a one-line UserError naming why there is none."""
-    trial_dir = run_dir / "trials" / f"{trial:04d}"
-    if not (trial_dir / "policy.yaml").exists():
+    from search.study.runfolder import trial_file
+
+    if trial_file(run_dir, trial, "policy.yaml") is None:
         raise UserError(f"run {str(run_dir)!r} has no trial {trial}; pick one from "
                         f"`search front {run_dir}`")
-    if not (trial_dir / "result.json").exists():
+    path = trial_file(run_dir, trial, "result.json")
+    if path is None:
         failed = {f["trial"]: f["reason"] for f in front.get("trials", {}).get("failed", [])}
         if trial in failed:
             raise UserError(f"trial {trial} failed, so it has nothing to show: {failed[trial]}")
         raise UserError(f"trial {trial} has no result (it is running, or was interrupted)")
-    path = trial_dir / "result.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -203,7 +204,7 @@ def trial_layers(run_dir: Path, trial: int, measure: bool = False) -> TrialLayer
     from search.compress.build import build
     from search.compress.space import compressible_layers
     from search.core.task import load_task
-    from search.study.runfolder import load_trial_model, setup_threads
+    from search.study.runfolder import load_trial_model, setup_threads, trial_file
 
     info, front = load_front(run_dir)
     result = _trial_files(run_dir, trial, front)
@@ -212,8 +213,9 @@ def trial_layers(run_dir: Path, trial: int, measure: bool = False) -> TrialLayer
     target = info.load_target()
     setup_threads(target)
     task = load_task(info.config.task, **info.config.task_args)
-    policy = Policy.load(trial_dir / "policy.yaml")
-    if all(lp.is_identity for lp in policy.layers.values()) or (trial_dir / "model.pt").exists():
+    policy = Policy.from_dict(result["policy"])
+    if all(lp.is_identity for lp in policy.layers.values()) or \
+            trial_file(run_dir, trial, "model.pt", info) is not None:
         model, _ = load_trial_model(run_dir, trial, task)
     else:  # off the front: its weights were dropped, its structure is the policy's
         model = build(task.model, policy, task.example, task.train, task.loss).eval()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 import traceback
 import warnings
@@ -33,6 +35,7 @@ from search.core.errors import InternalError, TrialFailed, UserError
 from search.core.task import Task
 from search.devices.target import TargetSpec
 from search.study.allocate import allocate
+from search.study.artifacts import WEIGHTS, ArtifactStore, upload_trial_files
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
@@ -89,7 +92,8 @@ def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
 
 
 def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: float,
-                      run_dir: Path, progress: Any | None) -> Callable[[optuna.Trial], tuple]:
+                      run_dir: Path, progress: Any | None, store: ArtifactStore
+                      ) -> Callable[[optuna.Trial], tuple]:
     knobs = evaluator.config.knobs
 
     def objective(trial: optuna.Trial) -> tuple[float, float, int]:
@@ -118,6 +122,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
     def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
         policy = suggest_policy(trial, space, knobs)
         trial.set_user_attr(POLICY, policy.to_dict())  # the study alone rebuilds the point
+        trial.set_user_attr(WORKER, worker_name())
         trial_dir = run_dir / "trials" / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         policy.save(trial_dir / "policy.yaml")
@@ -169,6 +174,12 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             trial.study.set_user_attr(REFERENCE + "_trial", trial.number)
         (trial_dir / "result.json").write_text(json.dumps(
             {**attrs, "policy": policy.to_dict()}, indent=1))
+        # the trial's files go to the artifact store (every host reads them there); the
+        # weights are kept only there, this folder then holds what this host fetches back
+        files = [trial_dir / n for n in ("policy.yaml", "result.json", *WEIGHTS)]
+        upload_trial_files(store, trial, files)
+        for path in files[2:]:
+            path.unlink(missing_ok=True)
         trial.set_constraint("latency_budget_ms", result.latency.median_ms - budget_ms)
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
@@ -194,6 +205,13 @@ def promising_in(study: optuna.Study, budget_ms: float, margin: float
             and short(a) >= val_accuracy + margin for a in done)
 
     return rule
+
+
+WORKER = "worker"  # user attr: the host and process that ran the trial
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 REFERENCE = "reference_latency_ms"  # study attr: the uncompressed model's latency ratios scale
@@ -262,6 +280,8 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             derive_space(task.model, task.example, config.space_choices(), config.knobs)
         if own_storage:
             fail_interrupted(study)
+        if study.user_attrs.get("run") != run_info:  # (--resume --trials N): workers follow
+            study.set_user_attr("run", run_info)
         if not has_baseline(study):
             enqueue_seeds(study, space, config, only_baseline=True)
     else:
@@ -327,13 +347,14 @@ _QUIET_FAILURES = _QuietFailures()
 
 def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task,
          target: TargetSpec, compiler: Compiler, budget_ms: float, config: SearchConfig,
+         store: ArtifactStore,
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
          progress: Any | None = None) -> None:
     """Run trials until the study has `config.trials` finished or claimed (by any worker) or
     `config.timeout` passed. Several processes may call this on one study: Optuna's storage
     hands each waiting (seed) trial to one of them, and trial numbers are the storage's."""
     evaluator = Evaluator(task, target, compiler, config)
-    objective = objective_factory(evaluator, space, budget_ms, run_dir, progress)
+    objective = objective_factory(evaluator, space, budget_ms, run_dir, progress, store)
     callbacks = [on_trial] if on_trial else []
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FAILURES)  # (idempotent)
