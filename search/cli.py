@@ -31,7 +31,7 @@ examples:
   search targets                                 # devices this checkout knows
   search tune --target host --budget 30m         # the kernel library: later trials rarely tune
   search sweep configs/nightly.yaml              # nightly jobs + dated report; exit 3: regression
-  optuna-dashboard sqlite:///runs/host-5ms/study.db   # browse every trial
+  optuna-dashboard sqlite:///runs/host-5ms/study.db --artifact-dir runs/host-5ms/artifacts
 """
 
 
@@ -227,7 +227,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"tuning: {t['kernels_tuned']} new kernels, {t['seconds']:.0f} s "
           f"({t['trials_per_kernel']} MetaSchedule trials each; database {t['database']})")
     print(f"run folder {out}: front.json, front.csv, pareto.png, front/*.yaml; study: "
-          f"optuna-dashboard {redact(info.url(out))}; wall time {data['wall_s']:.0f} s")
+          f"optuna-dashboard {redact(info.url(out))} --artifact-dir "
+          f"{info.artifact_location(out)}; wall time {data['wall_s']:.0f} s")
     return 0
 
 

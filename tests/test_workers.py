@@ -358,3 +358,19 @@ def test_two_hosts_share_a_postgresql_study_and_an_artifact_store(tmp_path, post
         assert (tmp_path / here / "export" / "model.onnx").stat().st_size > 0
         assert list((tmp_path / here / "export").glob("model_*.so"))
     assert any(sorted((on_front & other) - {base}) for other in (ran_on_a, ran_on_b))
+
+
+def test_a_bad_artifact_store_or_half_a_shared_study_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [(["run", "--out", str(tmp_path / "r"), "--artifacts", str(blocker / "store")],
+              "cannot write the artifact store"),
+             (["run", "--out", str(tmp_path / "s"), "--artifacts", "s3://bucket/prefix"],
+              "an S3 store is a whole bucket"),
+             (["front", "--study", "nightly"], "needs both --storage URL and --study NAME"),
+             (["front"], "name a run folder")]
+    for args, words in cases:
+        result = search_cli(*args, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+    assert not (tmp_path / "r" / "run.yaml").exists()  # refused before anything was written

@@ -84,7 +84,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return _OnnxInt8Linear.apply(x, self.weight_q, self.scale, self.onnx_bias,
+            return _OnnxInt8Linear.apply(x, _as_u8(self.weight_q), self.scale, self.onnx_bias,
                                          float(self.act_scale), int(self.zero_point))
         q = self.quantize_input(x)
         acc = torch.matmul(q.to(torch.int32), self.weight_q.to(torch.int32).t())
@@ -162,7 +162,7 @@ class Int8Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return _OnnxInt8Conv.apply(x, self.weight_q, self.scale, self.onnx_bias,
+            return _OnnxInt8Conv.apply(x, _as_u8(self.weight_q), self.scale, self.onnx_bias,
                                        float(self.act_scale), int(self.zero_point),
                                        list(self.stride), list(self.padding * 2),
                                        list(self.dilation), self.groups)
@@ -200,21 +200,33 @@ class Int8Conv2d(nn.Module):
                 f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
 
 
+def _as_u8(wq: torch.Tensor) -> torch.Tensor:
+    """int8 weights as uint8 with zero point 128 (folded into one uint8 initializer by the
+    exporter): the same integers, (w + 128) - 128."""
+    return (wq.to(torch.int16) + 128).to(torch.uint8)
+
+
 def _onnx_int8(g: Any, x: Any, wq: Any, scale: Any, bias: Any, act_scale: float,
                zero_point: int, conv: dict[str, Any] | None) -> Any:
     """The ONNX form of an int8 layer, in ONNX's integer operators (what ONNX Runtime runs in
     int8): QuantizeLinear (uint8, round half to even and saturate, as `quantize_input`) ->
-    MatMulInteger / ConvInteger (uint8 x int8 -> int32, the zero point subtracted, padding in
-    the zero-point domain) -> Cast -> per-channel Mul -> Add. The weights are int8 initializers.
+    MatMulInteger / ConvInteger (uint8 x uint8 -> int32, both zero points subtracted, padding
+    in the zero-point domain) -> Cast -> per-channel Mul -> Add. The weights are 8-bit
+    initializers: our int8 values + 128, with weight zero point 128.
+
+    NOTE: uint8 x uint8, not uint8 x int8: on x86 CPUs without VNNI, ONNX Runtime computes
+    u8 x s8 with VPMADDUBSW, whose int16 pair sums saturate (its quantization docs: "U8U8 ...
+    doesn't have saturation issues"); a test's output moved 0.33 that way on such a machine.
     """
     s = g.op("Constant", value_t=torch.tensor(act_scale, dtype=torch.float32))
     zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+    w_zp = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
     q = g.op("QuantizeLinear", x, s, zp)
     if conv is None:
-        acc = g.op("MatMulInteger", q, g.op("Transpose", wq, perm_i=[1, 0]), zp)
+        acc = g.op("MatMulInteger", q, g.op("Transpose", wq, perm_i=[1, 0]), zp, w_zp)
         shape = [-1]
     else:
-        acc = g.op("ConvInteger", q, wq, zp, **conv)
+        acc = g.op("ConvInteger", q, wq, zp, w_zp, **conv)
         shape = [1, -1, 1, 1]
     shape_c = g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64))
     y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Reshape", scale, shape_c))
