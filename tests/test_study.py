@@ -285,7 +285,9 @@ def test_a_bf16_point_exports_a_library_and_an_onnx_model_onnx_runtime_runs(tmp_
     from search.backend.artifact import library_weight_bytes
     from search.report.export import export_trial
 
-    assert (out / "trials" / f"{bf16:04d}" / "model.pt").exists()  # smaller: on the front
+    from search.study.runfolder import trial_file
+
+    assert trial_file(out, bf16, "model.pt") is not None  # smaller: on the front, kept
     exported = export_trial(out, bf16, tmp_path / "export")
     assert "bfloat16" in library_weight_bytes(exported.tvm_library).by_dtype
     assert exported.notes and "bf16" in exported.notes[0]
