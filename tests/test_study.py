@@ -284,7 +284,6 @@ def test_a_bf16_point_exports_a_library_and_an_onnx_model_onnx_runtime_runs(tmp_
     bf16 = next(t.number for t in study.trials if "bf16" in t.user_attrs.get("precisions", []))
     from search.backend.artifact import library_weight_bytes
     from search.report.export import export_trial
-
     from search.study.runfolder import trial_file
 
     assert trial_file(out, bf16, "model.pt") is not None  # smaller: on the front, kept

@@ -1,13 +1,13 @@
 """Parallel workers on one study: local processes on SQLite, 4 workers on a real PostgreSQL
-server (Debian's package, started and stopped here), dead workers' trials retried, and bad
-storage / full disk as one-line errors."""
+server (Debian's package, started and stopped here), two "hosts" sharing only PostgreSQL and
+an artifact store (a worker killed -9 there: its trial retried), one accuracy per policy
+whichever worker runs it, and bad storage / artifact store / full disk as one-line errors."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -119,45 +119,6 @@ def test_four_workers_on_postgresql_lose_and_duplicate_no_trial(tmp_path, postgr
     # another worker joining a finished study has nothing to do, and says so
     joined = search_cli("worker", "pg-test", "--storage", postgres, "--out", str(tmp_path / "w"))
     assert joined.returncode == 0 and "0 trials finished" in joined.stdout
-
-
-@pytest.mark.slow
-def test_a_dead_workers_trial_is_failed_and_run_again(tmp_path):
-    """kill -9 a worker mid-trial: once its heartbeat is stale, the next worker fails the
-    trial and runs its policy again; the dead trial does not count against the budget."""
-    config = write_config(tmp_path / "c.yaml", trials=2, finetune_steps=1500,
-                          heartbeat_s=1, heartbeat_grace_s=3)
-    out = tmp_path / "run"
-    first = search_cli("run", "--config", str(config), "--budget", "1ms", "--out", str(out),
-                       "--trials", "1")  # makes the study (one trial: the baseline)
-    assert first.returncode == 0, first.stderr[-2000:]
-    url = f"sqlite:///{out / 'study.db'}"
-    study = optuna.load_study(study_name="search", storage=url)
-    study.set_user_attr("run", {**study.user_attrs["run"],
-                                "config": {**study.user_attrs["run"]["config"], "trials": 2}})
-    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", "search", "--storage",
-                               url, "--out", str(out)], env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not study.get_trials(
-            states=(optuna.trial.TrialState.RUNNING,)):
-        time.sleep(0.5)
-    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    assert running, "the worker never started a trial"
-    time.sleep(1)  # into its fine-tune (1500 steps)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
-    time.sleep(4)  # past the grace period
-    again = search_cli("worker", "search", "--storage", url, "--out", str(out))
-    assert again.returncode == 0, again.stderr[-2000:]
-    study = optuna.load_study(study_name="search", storage=url)
-    dead = study.trials[running[0].number]
-    assert dead.state == optuna.trial.TrialState.FAIL and "fail_reason" not in dead.user_attrs
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
-    assert len(retried) == 1 and retried[0].params == dead.params  # the same policy again
-    assert retried[0].state == optuna.trial.TrialState.COMPLETE
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 2  # the baseline and the retried trial: the dead one did not count
 
 
 def test_unreachable_storage_is_one_line_before_any_work(tmp_path):
@@ -321,7 +282,7 @@ def test_two_hosts_share_a_postgresql_study_and_an_artifact_store(tmp_path, post
 
     study = optuna.load_study(study_name="two", storage=postgres)
     dead = study.trials[on_b[0].number]
-    assert dead.state == optuna.trial.TrialState.FAIL
+    assert dead.state == optuna.trial.TrialState.FAIL and "fail_reason" not in dead.user_attrs
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
     assert len(retried) == 1 and retried[0].params == dead.params
     assert retried[0].state == optuna.trial.TrialState.COMPLETE
