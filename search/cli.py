@@ -222,13 +222,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"search run --out {out} --resume", file=sys.stderr)
         return 130
     data, info = front.data, RunInfo.load(out)
+    store = info.artifact_location(out)  # (optuna-dashboard opens a folder store)
+    dashboard_store = "" if store.startswith("s3://") else f" --artifact-dir {store}"
     print(front.table())
     t = data["tuning"]
     print(f"tuning: {t['kernels_tuned']} new kernels, {t['seconds']:.0f} s "
           f"({t['trials_per_kernel']} MetaSchedule trials each; database {t['database']})")
     print(f"run folder {out}: front.json, front.csv, pareto.png, front/*.yaml; study: "
-          f"optuna-dashboard {redact(info.url(out))} --artifact-dir "
-          f"{info.artifact_location(out)}; wall time {data['wall_s']:.0f} s")
+          f"optuna-dashboard {redact(info.url(out))}{dashboard_store}; wall time "
+          f"{data['wall_s']:.0f} s")
     return 0
 
 
