@@ -1,7 +1,8 @@
 """Trials per hour with 1 and with 2 workers on the default task, and whether a second worker
 changes the latency measured for the same policies, side by side in one run.
 
-    python bench/bench_workers.py [--trials 8] [--target host] [--budget 1.5ms]
+    python bench/bench_workers.py [--trials 8] [--target host] [--budget 1.5ms] [--root DIR]
+    python bench/bench_workers.py --trials 4 --root DIR --reuse-warm   # the warm-up again
 
 A warm-up run (1 worker) first fills a tuning database with the kernels of the config's seeds
 and first proposals; each measured run then starts from its own copy of that database and of
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--target", default="host")
     parser.add_argument("--budget", default="1.5ms")
     parser.add_argument("--root", type=Path, help="work folder [default: a new temp folder]")
+    parser.add_argument("--reuse-warm", action="store_true",
+                        help="keep ROOT/cache-warm from an earlier call (its warm-up run "
+                             "may have been stopped: the records it wrote are kept)")
     args = parser.parse_args()
     load_task(DEFAULT_TASK)  # trained and cached once, copied into each run's cache
     root = args.root or Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -71,9 +75,12 @@ def main() -> None:
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({"trials": args.trials, "sensitivity": False}))
     warm_cache = root / "cache-warm"
-    shutil.copytree(cache_dir() / "tasks", warm_cache / "tasks", dirs_exist_ok=True)
-    warm_s, _ = run(root, "warm", warm_cache, config, args.target, args.budget, 1)
-    print(f"warm-up run: {warm_s:.0f} s (fills the tuning database both runs copy)")
+    if not (args.reuse_warm and warm_cache.exists()):
+        shutil.copytree(cache_dir() / "tasks", warm_cache / "tasks", dirs_exist_ok=True)
+        warm_s, _ = run(root, "warm", warm_cache, config, args.target, args.budget, 1)
+        print(f"warm-up run: {warm_s:.0f} s (fills the tuning database both runs copy)")
+    for name in ("run-1", "run-2", "cache-1", "cache-2"):
+        shutil.rmtree(root / name, ignore_errors=True)
     rows, found = [], {}
     for workers in (1, 2):
         cache = root / f"cache-{workers}"
