@@ -320,6 +320,8 @@ def test_two_hosts_share_a_postgresql_study_and_an_artifact_store(tmp_path, post
         assert out.returncode == 0, out.stderr[-2000:]
         assert (tmp_path / here / "export" / "model.onnx").stat().st_size > 0
         assert list((tmp_path / here / "export").glob("model_*.so"))
+        shown = on_host(env[here], "show", str(folder), str(pick[0]))  # its layers, knobs
+        assert shown.returncode == 0 and f"trial {pick[0]}" in shown.stdout, shown.stderr
     assert any(sorted((on_front & other) - {base}) for other in (ran_on_a, ran_on_b))
 
 
