@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from search.backend.compile import Compiler
 from search.core.errors import SearchFailed, UserError
+from search.core.files import writable_folder
 from search.core.task import PYTHON_TASK, Task, load_task, resolve_entry_point
 from search.devices.target import TargetSpec
 from search.report.front import write_front
@@ -52,13 +53,7 @@ def check_out_dir(run_dir: Path, resume: bool, own_storage: bool = True,
     elif (run_dir / "study.db").exists() or (run_dir / "run.yaml").exists():
         raise UserError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it, "
                         f"or --out NEW_FOLDER for a new run")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write the run folder {str(run_dir)!r}: {exc.strerror}") from None
+    writable_folder(run_dir, "the run folder")
     free = shutil.disk_usage(run_dir).free
     if free < min_free_bytes:
         raise UserError(f"only {free / 2**20:,.0f} MiB free in {str(run_dir)!r}; a run needs "

@@ -25,6 +25,7 @@ from optuna.artifacts import (
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search.core.errors import UserError
+from search.core.files import writable_folder
 
 ArtifactStore = FileSystemArtifactStore | Boto3ArtifactStore
 DEFAULT_FOLDER = "artifacts"  # inside the run folder, unless `--artifacts` names another place
@@ -44,15 +45,8 @@ def open_store(location: str) -> ArtifactStore:
             raise UserError(f"artifact store {location!r} needs boto3: pip install boto3") \
                 from None
     path = Path(location).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write the artifact store {str(path)!r}: {exc.strerror}; pass "
-                        f"--artifacts with a folder every worker can write (an NFS mount) "
-                        f"or s3://BUCKET") from None
+    writable_folder(path, "the artifact store", "; pass --artifacts with a folder every "
+                    "worker can write (an NFS mount) or s3://BUCKET")
     return FileSystemArtifactStore(path)
 
 
