@@ -126,6 +126,7 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     trials_bar.update(min(finished_count(study), config.trials))
     bad_workers: list[int] = []
     compiler: Compiler | None = None
+    store = info.store(run_dir)
 
     def work_here() -> None:
         nonlocal compiler
@@ -134,7 +135,7 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                         disable=not show_progress, dynamic_ncols=True)
         try:
             work(study, space, run_dir, task, target, compiler, info.budget_ms, config,
-                 info.store(run_dir), on_trial=progress_callback(trials_bar, info),
+                 store, on_trial=progress_callback(trials_bar, info),
                  progress=tune_bar)
         finally:
             tune_bar.close()
@@ -153,7 +154,7 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
         say("measuring the front's points whole (their latency was predicted) ...")
         latency_table = measure_front(study, run_dir, task, target,
                                       make_compiler(target, config, run_dir), info.budget_ms)
-    data = write_front(run_dir, study, info.budget_ms, target.name, info.store(run_dir))
+    data = write_front(run_dir, study, info.budget_ms, target.name, store)
     if latency_table is not None:
         data["latency_table"] = latency_table
     failure = why_no_result(study)

@@ -73,15 +73,20 @@ def upload_late_trial_file(store: ArtifactStore, study: optuna.Study, trial: int
         upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
 
 
+def _trial_files(study: optuna.Study, trial: int) -> list:
+    """The artifact metas of trial number `trial` (KeyError: no such trial)."""
+    storage = study._storage  # NOTE: Optuna has no public lookup of a trial by number here
+    frozen = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+        study._study_id, trial))
+    return get_all_artifact_meta(frozen, storage=storage)
+
+
 def _artifact_id(study: optuna.Study, trial: int, name: str) -> str | None:
     late = [m for m in get_all_artifact_meta(study)
             if m.filename == study_file_name(trial, name)]
     if late:
         return late[-1].artifact_id
-    frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-        study._study_id, trial))
-    own = [m for m in get_all_artifact_meta(frozen, storage=study._storage)
-           if m.filename == name]
+    own = [m for m in _trial_files(study, trial) if m.filename == name]
     return own[-1].artifact_id if own else None
 
 
@@ -108,9 +113,7 @@ def fetch_trial_file(study: optuna.Study, store: ArtifactStore, trial: int, name
 def drop_trial_files(study: optuna.Study, store: ArtifactStore, trial: int,
                      names: tuple[str, ...]) -> None:
     """Remove a trial's files `names` from the store (a dominated point's weights)."""
-    frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-        study._study_id, trial))
-    for meta in get_all_artifact_meta(frozen, storage=study._storage):
+    for meta in _trial_files(study, trial):
         if meta.filename in names:
             with contextlib.suppress(ArtifactNotFound):
                 store.remove(meta.artifact_id)

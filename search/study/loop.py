@@ -178,8 +178,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         # weights are kept only there, this folder then holds what this host fetches back
         files = [trial_dir / n for n in ("policy.yaml", "result.json", *WEIGHTS)]
         upload_trial_files(store, trial, files)
-        for path in files[2:]:
-            path.unlink(missing_ok=True)
+        for path in files:
+            if path.name in WEIGHTS:
+                path.unlink(missing_ok=True)
         trial.set_constraint("latency_budget_ms", result.latency.median_ms - budget_ms)
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
