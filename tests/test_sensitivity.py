@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +15,19 @@ from search.compress.lowrank import top_svd
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import derive_space
 from search.core.data import evaluate
+import search.study.sensitivity as sensitivity_module
 from search.study.sensitivity import (
     LayerSensitivity,
     Sensitivity,
     _cost,
+    cached_sensitivity,
     effective_weight,
     empirical_fisher,
     fisher_proxy,
     measure_sensitivity,
     narrow_space,
     sensitivity_table,
+    sensitivity_key,
 )
 from search.tasks.digits import digits
 
@@ -247,3 +251,47 @@ def test_table_names_every_layer_and_fits(space, sens):
     assert table.splitlines()[-1].startswith("worst")
     worst = max(sens.entries, key=lambda e: e.accuracy_drop)
     assert f"{worst.layer} {worst.knob}=" in table.splitlines()[-1]
+
+
+def test_a_second_run_reuses_the_table_and_a_change_measures_again(task, space, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
+    knobs = ["rank", "bits"]
+    measured = []
+    real = sensitivity_module.measure_sensitivity
+
+    def counting(*args, **kwargs):
+        measured.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity_module, "measure_sensitivity", counting)
+    said = []
+    first = cached_sensitivity(task, space, knobs, seed=0, say=said.append)
+    again = cached_sensitivity(task, space, knobs, seed=0, say=said.append)
+    assert measured == [0]
+    assert again.entries == first.entries and again.baseline == first.baseline
+    assert again.method["reused_from"].startswith(str(tmp_path)) and "reused" in said[-1]
+
+    cached_sensitivity(task, space, knobs, seed=1)  # another Fisher sample: measured
+    cached_sensitivity(task, space, ["rank"], seed=0)  # other knobs: measured
+    assert measured == [0, 1, 0]
+    # the key sees the weights: one weight nudged gives another key, and back gives the same
+    key = sensitivity_key(task, space, knobs)
+    weight = task.model.get_submodule(space[0].name).weight
+    with torch.no_grad():
+        weight[0, 0] += 1e-3
+        assert sensitivity_key(task, space, knobs) != key
+        weight[0, 0] -= 1e-3
+    assert sensitivity_key(task, space, knobs) == key
+    assert sensitivity_key(task, space[1:], knobs) != key
+
+    # a damaged file is measured again, not a crash
+    path = Path(again.method["reused_from"])
+    path.write_text("{ not json")
+    fresh = cached_sensitivity(task, space, knobs, seed=0, say=said.append)
+    assert measured == [0, 1, 0, 0] and "unreadable" in said[-1]
+    def figures(sens):  # what was measured, not how long it took
+        return [dataclasses.replace(e, seconds=0.0) for e in sens.entries]
+
+    assert figures(fresh) == figures(first)
+    assert Sensitivity.load(path).entries == fresh.entries

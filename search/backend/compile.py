@@ -202,7 +202,8 @@ class Compiler:
 
     def tune(self, kernels: list[Any], progress: Any | None = None) -> int:
         """Tune, in one MetaSchedule session, the kernels (deduplicated by workload) that the
-        database lacks; under the database's lock. Returns how many were tuned."""
+        database lacks; under the database's lock. Returns how many have a record now (a
+        kernel whose every build failed or timed out has none: the next call tries again)."""
         from tvm_ffi import structural_hash
 
         from search.devices.lock import file_lock
@@ -226,7 +227,7 @@ class Compiler:
                 self.tuning_s_total += time.perf_counter() - start
                 self.tasks_tuned_total += len(todo)
             self._mark_own_writes()
-        return len(todo)
+        return sum(self._has_record(task) for task in todo)
 
     def weight_bytes(self, mod: Any) -> WeightBytes:
         """What the library of `mod` would carry, without tuning or building it (a candidate

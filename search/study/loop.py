@@ -40,7 +40,7 @@ from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
 from search.study.points import DUPLICATE_OF, POLICY
-from search.study.sensitivity import measure_sensitivity, narrow_space, sensitivity_table
+from search.study.sensitivity import cached_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
     claimed_count,
     fail_interrupted,
@@ -289,8 +289,8 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
         space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
         seeds: list[Any] = []  # integer-program seeds (they need the sensitivity table)
         if config.sensitivity:
-            sens = measure_sensitivity(task, space, config.knobs, seed=config.seed,
-                                       progress=progress)
+            sens = cached_sensitivity(task, space, config.knobs, seed=config.seed,
+                                      progress=progress, say=say)
             sens.save(run_dir / "sensitivity.json")
             study.set_user_attr("sensitivity", sens.to_dict())
             say(sensitivity_table(sens))

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
+import os
 import textwrap
 import time
 from collections.abc import Mapping
@@ -53,8 +56,8 @@ from search.compress.lowrank import (
 )
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import LayerSpace
-from search.core.data import Loss, Split, call, cross_entropy, evaluate
-from search.core.task import Task
+from search.core.data import Inputs, Loss, Split, call, cross_entropy, evaluate
+from search.core.task import Task, cache_dir
 
 FORMAT_VERSION = 1
 HARSHEST = "harshest"  # in a knob's `needs`: the last value the layer offers (mild to harsh)
@@ -392,6 +395,71 @@ def measure_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str],
         "seconds": round(time.perf_counter() - start, 2),
     }
     return Sensitivity(baseline, entries, method, skipped)
+
+
+def sensitivity_key(task: Task, space: list[LayerSpace], knobs: list[str], batches: int = 4,
+                    batch_size: int = 64, val_examples: int = 256, seed: int = 0) -> str:
+    """A digest of everything the pass reads: the model (structure and weights), the exact
+    examples it scores and takes the Fisher on, the space, the knobs, the settings, and the
+    code that builds and scores the candidates (this module, `search.compress`, the data
+    helpers, a plugin knob's class). Equal keys: the same table."""
+    h = hashlib.sha256()
+
+    def text(x: Any) -> None:
+        h.update(json.dumps(x, sort_keys=True, default=str).encode())
+
+    def tensors(inputs: Inputs, labels: torch.Tensor) -> None:
+        for t in (*inputs, labels):
+            t = t.detach().cpu().contiguous()
+            text([str(t.dtype), list(t.shape)])
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16
+                     else t.float().numpy().tobytes())
+
+    here = Path(__file__).resolve()
+    for source in [here, here.parents[1] / "core" / "data.py",
+                   *sorted((here.parents[1] / "compress").glob("*.py"))]:
+        h.update(source.read_bytes())
+    for k in knobs:
+        try:
+            text(inspect.getsource(type(REGISTRY[k])))
+        except (KeyError, OSError, TypeError):  # no source to read (a REPL-made knob): its name
+            text(k)
+    text([FORMAT_VERSION, list(knobs), [ls.to_dict() for ls in space], batches, batch_size,
+          val_examples, seed, getattr(task.loss, "__qualname__", repr(task.loss)),
+          getattr(task.metric, "__qualname__", repr(task.metric)), repr(task.model)])
+    for name, t in sorted(task.model.state_dict().items()):
+        text(name)
+        tensors((), t)
+    for split in (task.val.head(val_examples), task.train.head(batches * batch_size, seed=seed)):
+        assert split.tensors is not None
+        tensors(*split.tensors)
+    return h.hexdigest()[:24]
+
+
+def cached_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str], seed: int = 0,
+                       progress: Any | None = None, say: Any = lambda _: None) -> Sensitivity:
+    """`measure_sensitivity`, kept under the cache folder by `sensitivity_key`: a second run,
+    sweep entry or benchmark on the same model, data, space and knobs reuses the table (5-11
+    minutes on the default task) instead of measuring it again. Its `method` says which."""
+    key = sensitivity_key(task, space, knobs, seed=seed)
+    path = cache_dir() / "sensitivity" / f"{key}.json"
+    if path.exists():
+        try:
+            sens = Sensitivity.load(path)
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged file: measure again
+            say(f"sensitivity cache {path} unreadable ({type(exc).__name__}: {exc}); measuring")
+        else:
+            sens.method["reused_from"] = str(path)
+            say(f"sensitivity table reused from {path} (same model, examples, space, knobs "
+                f"and seed; measured in {sens.method.get('seconds', '?')} s)")
+            return sens
+    sens = measure_sensitivity(task, space, knobs, seed=seed, progress=progress)
+    sens.method["cache_key"] = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: runs on one host may race
+    sens.save(tmp)
+    tmp.replace(path)
+    return sens
 
 
 def _evaluate_with_weight(model: nn.Module, name: str, weight: torch.Tensor,
