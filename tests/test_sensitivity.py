@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import search.study.sensitivity as sensitivity_module
 from search.compress.build import build
 from search.compress.knob import REGISTRY, knob_names
 from search.compress.lowrank import top_svd
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import derive_space
 from search.core.data import evaluate
-import search.study.sensitivity as sensitivity_module
 from search.study.sensitivity import (
     LayerSensitivity,
     Sensitivity,
@@ -26,8 +26,8 @@ from search.study.sensitivity import (
     fisher_proxy,
     measure_sensitivity,
     narrow_space,
-    sensitivity_table,
     sensitivity_key,
+    sensitivity_table,
 )
 from search.tasks.digits import digits
 
