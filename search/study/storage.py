@@ -26,13 +26,13 @@ def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
                  ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9, a lost machine)
     is failed after `grace_s` without a heartbeat and enqueued again once
-    (RetryFailedTrialCallback), by whichever worker next starts a trial."""
+    (RetryHeartbeatStaleTrialCallback), by whichever worker next starts a trial."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=1))
 
 
