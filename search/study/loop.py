@@ -374,7 +374,8 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
 
 def running_elsewhere(study: optuna.Study) -> int:
     """Trials claimed by workers (on any host) and not finished; a dead worker's trials are
-    failed here once their heartbeat is stale (and queued again: RetryHeartbeatStaleTrialCallback)."""
+    failed here once their heartbeat is stale (and queued again by Optuna's
+    RetryHeartbeatStaleTrialCallback)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
