@@ -3,25 +3,29 @@ random search, NSGA-II and the sensitivity-threshold baseline, several seeds eac
 
     SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_hypervolume.py \
         [--task search.tasks:mobilenet_v2] [--budget 0.6ms] [--wall 300] [--seeds 0,1,2] \
-        [--parallel 2] [--root /tmp/bench-hv]
+        [--startup 2] [--parallel 1] [--root /tmp/bench-hv]
     python bench/bench_hypervolume.py --analyze /tmp/bench-hv      # the table again
 
 Each (method, seed) is one `search run` (the Python API, in its own process; `--parallel` of
-them at once, one thread each, sharing the target's tuning database: build the kernel library
-first with `search tune`; each seed's methods in a rotated order, so that no method always
-meets the untuned kernels first; the sensitivity table measured once per seed, then cached)
-with the default config but for:
+them at once, then one torch thread each, sharing the target's tuning database: build the
+kernel library first with `search tune`; each seed's methods in a rotated order, so that no
+method always meets the untuned kernels first; the sensitivity table measured once per seed,
+then cached) with the default config but for `seeds: [{}]` (the uncompressed baseline only:
+the uniform seeds are the same trials in every method and would spend a short wall on work
+that tells the methods apart in nothing), `startup_trials: --startup` (Optuna's TPE and
+NSGA-II sample their startup trials exactly as RandomSampler does with the same seed, so with
+the default 6 a run of a few trials would compare random search with itself), and:
 
-- ours: the defaults (uniform seeds, then the integer-program seeds, then TPE)
-- tpe: `ip_seeds: []` (uniform seeds, then TPE)
+- ours: the integer-program seeds, then TPE
+- tpe: `ip_seeds: []` (TPE alone)
 - random: `ip_seeds: []`, `sampler: random`
 - nsga2: `ip_seeds: []`, `sampler: nsga2`
 - threshold: the AMC-style "uniform allocation scaled by sensitivity" baseline
   (`search.study.allocate.by_threshold`: each layer takes its cheapest option whose own
-  sensitivity drop is at most t, for thresholds t tracing the family), enqueued after the
-  uniform seeds in place of the integer-program seeds; random proposals if time is left.
+  sensitivity drop is at most t, for thresholds t tracing the family), enqueued in place of
+  the integer-program seeds; random proposals if time is left.
 
-Every run gets as many trials as fit in its timeout (--wall + 120 s from its first trial). The
+Every run gets as many trials as fit in its timeout (--wall + 30 s from its first trial). The
 hypervolume is `search.report.compare`'s (test accuracy, measured latency, size; one
 reference for all runs: accuracy 0, the largest uncompressed latency and size among them) over
 the trials completed within --wall seconds of the baseline's completion (the sensitivity table
@@ -44,7 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
-os.environ.setdefault("SEARCH_TORCH_THREADS", "1")  # two runs at once: one core each
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = {
@@ -59,7 +62,8 @@ METHODS = {
 THRESHOLDS = [0.05, 0.01, 0.2, 0.003, 0.02, 0.1, 0.001, 0.3, 0.007, 0.03, 0.15, 0.002]
 
 
-def one(method: str, seed: int, task: str, budget: str, wall: float, out: Path) -> None:
+def one(method: str, seed: int, task: str, budget: str, wall: float, startup: int,
+        out: Path) -> None:
     """One run, in this process."""
     import search.study.loop as loop
     from search.api import search
@@ -73,7 +77,7 @@ def one(method: str, seed: int, task: str, budget: str, wall: float, out: Path) 
         loop.allocate = thresholds  # the bench's baseline, enqueued where the IP seeds go
     # the study's timeout counts from its first trial; the cut (analyze) from the baseline's end
     search(task, "host", budget, trials=200, out=out, progress=False, seed=seed,
-           timeout=wall + 120, **METHODS[method])
+           timeout=wall + 30, seeds=[{}], startup_trials=startup, **METHODS[method])
 
 
 def analyze(root: Path, budget_ms: float, wall: float) -> None:
@@ -129,14 +133,16 @@ def main() -> None:
     ap.add_argument("--wall", type=float, default=300, help="seconds of search per run")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--startup", type=int, default=2, help="startup_trials of every run")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs at once (each then gets one torch thread)")
     ap.add_argument("--root", type=Path, default=Path("/tmp/bench-hv"))
     ap.add_argument("--analyze", type=Path, help="only the table of a finished --root")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     budget_ms = float(args.budget.removesuffix("ms"))
     if args.one:
-        one(args.one[0], int(args.one[1]), args.task, args.budget, args.wall,
+        one(args.one[0], int(args.one[1]), args.task, args.budget, args.wall, args.startup,
             args.root / f"{args.one[0]}-{args.one[1]}")
         return
     if args.analyze:
@@ -150,6 +156,10 @@ def main() -> None:
     jobs = [(methods[(i + j) % len(methods)], seed)
             for i in range(len(methods)) for j, seed in enumerate(seeds)]
 
+    env = dict(os.environ)
+    if args.parallel > 1:  # runs side by side: one core each
+        env.setdefault("SEARCH_TORCH_THREADS", "1")
+
     def launch(job: tuple[str, str]) -> str:
         method, seed = job
         start = time.perf_counter()
@@ -157,8 +167,9 @@ def main() -> None:
         with open(log, "w") as f:
             code = subprocess.call([sys.executable, __file__, "--one", method, seed,
                                     "--task", args.task, "--budget", args.budget,
-                                    "--wall", str(args.wall), "--root", str(args.root)],
-                                   stdout=f, stderr=subprocess.STDOUT)
+                                    "--wall", str(args.wall), "--startup", str(args.startup),
+                                    "--root", str(args.root)],
+                                   stdout=f, stderr=subprocess.STDOUT, env=env)
         return f"{method}-{seed}: exit {code} in {time.perf_counter() - start:.0f} s ({log})"
 
     with ThreadPoolExecutor(args.parallel) as pool:

@@ -38,7 +38,7 @@ class SearchConfig:
     seed: int = 0
     heartbeat_s: int = 20  # a worker's running trial writes a heartbeat this often; a trial
     heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
-    startup_trials: int = 6  # random trials before TPE models the space (after the seeds)
+    startup_trials: int = 6  # trials before TPE models the space (the seeds count)
     interleave: bool = True  # time each candidate round by round with the uncompressed model
     # and report the median ratio x the study's reference latency (processes agree)
     latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: from
