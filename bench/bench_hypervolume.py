@@ -162,6 +162,8 @@ def main() -> None:
 
     def launch(job: tuple[str, str]) -> str:
         method, seed = job
+        if (args.root / f"{method}-{seed}" / "front.json").exists():
+            return f"{method}-{seed}: finished before, kept"  # a bench run again goes on
         start = time.perf_counter()
         log = args.root / f"{method}-{seed}.log"
         with open(log, "w") as f:
