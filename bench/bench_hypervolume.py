@@ -30,9 +30,9 @@ hypervolume is `search.report.compare`'s (test accuracy, measured latency, size;
 reference for all runs: accuracy 0, the largest uncompressed latency and size among them) over
 the trials completed within --wall seconds of the baseline's completion (the sensitivity table
 and the baseline are the same work in every run), the baseline included, duplicates and
-failures left out. Printed: per method, the median
-over seeds of the hypervolume and of the trials done, and the best test accuracy within the
-budget.
+failures left out. Printed: per run, the hypervolume, the trials done, the best test accuracy
+within the budget, and the median seconds, tuning seconds and newly tuned kernels of its
+trials after the baseline; per method, the medians over seeds.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def analyze(root: Path, budget_ms: float, wall: float) -> None:
     ref = reference_for(*(front for front, _ in runs.values()))
     print(f"reference: accuracy 0, {ref.latency_ms:.3f} ms, {ref.size_bytes:,.0f} bytes; "
           f"wall {wall:.0f} s per run; budget {budget_ms} ms")
-    print(f"{'method':<10} {'seed':>4} {'HV':>7} {'trials':>7} {'best test % in budget':>22}")
+    print(f"{'method':<10} {'seed':>4} {'HV':>7} {'trials':>7} {'best test % in budget':>22} "
+          f"{'s per trial':>12} {'tuning s':>9} {'new kernels':>12}")
     summary: dict[str, list[tuple[float, int, float]]] = {}
     for (method, seed), (_, study) in sorted(runs.items()):
         complete = sorted((t for t in study.trials
@@ -115,7 +116,13 @@ def analyze(root: Path, budget_ms: float, wall: float) -> None:
         feasible = [p[0] for p in points if p[1] <= budget_ms]
         best = max(feasible) if feasible else float("nan")
         summary.setdefault(method, []).append((hv, len(done), best))
-        print(f"{method:<10} {seed:>4} {hv:>7.4f} {len(done):>7} {100 * best:>21.2f}%")
+        searched = done[1:]  # the baseline is the same work in every run
+        cost = "".join(
+            f" {statistics.median(f(t) for t in searched) if searched else float('nan'):>{w}.0f}"
+            for f, w in ((lambda t: (t.datetime_complete - t.datetime_start).total_seconds(), 12),
+                         (lambda t: t.user_attrs.get("tuning_s", 0.0), 9),
+                         (lambda t: t.user_attrs.get("new_kernels", 0), 12)))
+        print(f"{method:<10} {seed:>4} {hv:>7.4f} {len(done):>7} {100 * best:>21.2f}%{cost}")
     print(f"\nmedian over seeds:\n{'method':<10} {'HV':>7} {'(min-max)':>15} {'trials':>7} "
           f"{'best test % in budget':>22}")
     for method, rows in summary.items():
