@@ -99,7 +99,7 @@ def analyze(root: Path, budget_ms: float, wall: float) -> None:
     print(f"reference: accuracy 0, {ref.latency_ms:.3f} ms, {ref.size_bytes:,.0f} bytes; "
           f"wall {wall:.0f} s per run; budget {budget_ms} ms")
     print(f"{'method':<10} {'seed':>4} {'HV':>7} {'trials':>7} {'best test % in budget':>22} "
-          f"{'s per trial':>12} {'tuning s':>9} {'new kernels':>12}")
+          f"{'s per trial':>12} {'tuning s':>9} {'new kernels':>12}  failed (reason)")
     summary: dict[str, list[tuple[float, int, float]]] = {}
     for (method, seed), (_, study) in sorted(runs.items()):
         complete = sorted((t for t in study.trials
@@ -122,7 +122,11 @@ def analyze(root: Path, budget_ms: float, wall: float) -> None:
             for f, w in ((lambda t: (t.datetime_complete - t.datetime_start).total_seconds(), 12),
                          (lambda t: t.user_attrs.get("tuning_s", 0.0), 9),
                          (lambda t: t.user_attrs.get("new_kernels", 0), 12)))
-        print(f"{method:<10} {seed:>4} {hv:>7.4f} {len(done):>7} {100 * best:>21.2f}%{cost}")
+        failed = [t.user_attrs.get("fail_reason", "?") for t in study.trials
+                  if t.state == optuna.trial.TrialState.FAIL and t.datetime_complete
+                  and (t.datetime_complete - start).total_seconds() <= wall]
+        why = f"  {len(failed)}" + (f" ({'; '.join(sorted(set(failed)))})" if failed else "")
+        print(f"{method:<10} {seed:>4} {hv:>7.4f} {len(done):>7} {100 * best:>21.2f}%{cost}{why}")
     print(f"\nmedian over seeds:\n{'method':<10} {'HV':>7} {'(min-max)':>15} {'trials':>7} "
           f"{'best test % in budget':>22}")
     for method, rows in summary.items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.compress.build import build, restructure
+from search.compress.build import build, output_tolerance, restructure
 from search.compress.lowrank import factorize, factorized_rank
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.precision import Half
@@ -114,3 +114,15 @@ def test_weight_sharing_leaves_2_to_the_b_values_and_counts_codes_not_floats(tin
     x = tiny_task.val.inputs(64)[0]
     agree = (model(x).argmax(1) == tiny_task.model(x).argmax(1)).float().mean()
     assert agree > 0.5  # 4 shared values still carry the layer (no fine-tune here)
+
+
+def test_output_tolerance_grows_with_the_layers_that_round_differently():
+    assert output_tolerance(Policy({})) == 1e-3
+    assert output_tolerance(Policy({"a": LayerPolicy(rank=0.5)})) == 1e-3  # exact in fp32
+    one = output_tolerance(Policy({"a": LayerPolicy(bits=8)}))
+    assert one == pytest.approx(5e-2)
+    four = output_tolerance(Policy({n: LayerPolicy(bits=8) for n in "abcd"}))
+    assert four == pytest.approx(2 * one)  # independent rounding: in quadrature
+    mixed = output_tolerance(Policy({"a": LayerPolicy(bits=16, half="bf16"),
+                                     "b": LayerPolicy(bits=8, rank=0.5)}))
+    assert mixed == pytest.approx((0.1 ** 2 + 0.05 ** 2) ** 0.5)
