@@ -23,6 +23,7 @@ from torch import nn
 
 from search.core.data import Loss, Metric, Split, accuracy, as_inputs, cross_entropy, with_output
 from search.core.errors import UserError
+from search.core.files import write_atomically
 
 DEFAULT_TASK = "search.tasks:mobilenet_v2"  # ImageNet MobileNetV2 on ELPV
 PYTHON_TASK = "python:"  # a run made from a Task object in Python (search.api), not a string
@@ -87,10 +88,7 @@ def trained_once(model: nn.Module, name: str, key: str,
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
         fit(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: workers may race
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        write_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
 
 

@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import textwrap
 import time
 from collections.abc import Mapping
@@ -57,6 +56,7 @@ from search.compress.lowrank import (
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import LayerSpace
 from search.core.data import Inputs, Loss, Split, call, cross_entropy, evaluate
+from search.core.files import write_atomically
 from search.core.task import Task, cache_dir
 
 FORMAT_VERSION = 1
@@ -455,10 +455,7 @@ def cached_sensitivity(task: Task, space: list[LayerSpace], knobs: list[str], se
             return sens
     sens = measure_sensitivity(task, space, knobs, seed=seed, progress=progress)
     sens.method["cache_key"] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: runs on one host may race
-    sens.save(tmp)
-    tmp.replace(path)
+    write_atomically(path, sens.save)
     return sens
 
 
