@@ -188,11 +188,13 @@ def test_the_database_is_read_again_only_after_another_process_wrote_it(tiny_tas
 
     monkeypatch.setattr(ms.database, "JSONDatabase", counted)
     x = tiny_task.example
-    ours = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2)
+    # (transfer off: the worker's kernels must be tuned, not served by ours' schedules)
+    ours = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2, transfer=False)
     mine = to_relax(build(tiny_task.model, Policy({"fc1": LayerPolicy(rank=0.25)}), x), x)
     assert ours.compile(mine).new_tasks > 0
     assert ours.compile(mine).new_tasks == 0 and len(reads) == 1  # own records, not re-read
-    theirs = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2)  # a worker
+    theirs = Compiler(load_target("host"), tmp_path / "db", trials_per_task=2,
+                      transfer=False)  # a worker
     other = to_relax(build(tiny_task.model, Policy({"conv2": LayerPolicy(sparsity=0.5)}), x), x)
     assert theirs.compile(other).new_tasks > 0 and len(reads) == 2
     again = ours.compile(other)  # the worker's records: read, not tuned again

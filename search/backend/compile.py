@@ -3,7 +3,9 @@
 Untuned TVM on CPU runs naive loops (60x slower than tuned on the default model), so latency that
 ranks candidates must come from tuned kernels. Tuning records go to one database per target
 (`<cache>/tuning/<target key>/`), reused across trials and runs: a workload seen before (same
-shapes, which channel rounding makes common) costs nothing to tune again.
+shapes, which channel rounding makes common) costs nothing to tune again. A kernel the database
+lacks takes a tuned neighbour's schedule where one replays (search.backend.transfer) and is
+tuned only where none does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from search.backend.artifact import WeightBytes, module_weight_bytes
 from search.backend.intrinsics import light_tensor_intrinsics
 from search.backend.layout import cpu_layout
 from search.backend.runner_args import valid_arguments, valid_rpc_arguments
+from search.backend.transfer import ScheduleTransfer
 from search.core.errors import TrialFailed
 from search.devices.target import TargetSpec
 
@@ -53,6 +56,7 @@ class Compiled:
     tuning_s: float
     int8_kernels: int = 0  # integer matmuls and convs in the graph (int8 layers lowered)
     weights: WeightBytes = WeightBytes(0)  # the constants the library carries, as it reads them
+    transferred: int = 0  # kernels without a record built on a nearby kernel's schedule
 
     @property
     def fully_tuned(self) -> bool:
@@ -81,7 +85,7 @@ class Compiler:
 
     def __init__(self, target: TargetSpec, db_dir: Path, trials_per_task: int,
                  log_dir: Path | None = None, seed: int = 0,
-                 budget_s: float | None = None) -> None:
+                 budget_s: float | None = None, transfer: bool = True) -> None:
         light_tensor_intrinsics()
         from search.backend.int8 import enable_vnni
 
@@ -102,6 +106,9 @@ class Compiler:
         self.tasks_tuned_total = 0
         self._builder: Any = None
         self._runner: Any = None
+        # kernels the database lacks take a tuned neighbour's schedule (search.backend.transfer)
+        # instead of being tuned in the compile; False: tune them (or leave them untuned)
+        self.transfer = ScheduleTransfer() if transfer else None
 
     def _files_stamp(self) -> tuple[int, ...]:
         stats = [(self.db_dir / f).stat() if (self.db_dir / f).exists() else None
@@ -263,24 +270,33 @@ class Compiler:
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
+            served = [] if self.transfer is None else self.transfer.plan(self.database, missing)
+            to_tune = [t for t in missing if not any(t is s for s in served)]
             start = time.perf_counter()
-            tune_now = bool(missing) and self.can_tune
-            if tune_now:
-                if progress is not None:
-                    progress.reset(total=len(missing) * self.trials_per_task)
-                    progress.set_description(f"tuning {len(missing)} new kernels")
-                self._tune(missing, progress)
-                # a kernel all of whose candidates failed to build (a build timeout while the
-                # machine is loaded) would run its untuned default schedule, often 10x slower:
-                # tune those once more before giving up on them
-                failed = [t for t in missing if not self._has_record(t)]
-                if failed:
-                    _LOG.warning("%d kernel(s) got no valid candidate; tuning them again",
-                                 len(failed))
-                    self._tune(failed, progress, retry=1)  # (other candidates)
+            tuned_now = self._tune_missing(to_tune, progress)
             tuning_s = time.perf_counter() - start
             tuned = sum(self._has_record(t) for t in tasks)
-            ex = ms.relax_integration.compile_relax(self.database, mod, self.target, None)
+            transferred = sum(1 for t in served if not self._has_record(t))
+            try:
+                ex = ms.relax_integration.compile_relax(self._serving(transferred), mod,
+                                                        self.target, None)
+            except Exception:  # noqa: BLE001 - a transferred schedule's fault, or the model's
+                if not transferred:
+                    raise
+                # without the transferred schedules: if this fails too, the model is at fault
+                # (raised as usual); if not, tune those kernels after all
+                ex = ms.relax_integration.compile_relax(self.database, mod, self.target, None)
+                _LOG.warning("a build with %d transferred schedules failed; tuning those "
+                             "kernels instead", transferred)
+                start = time.perf_counter()
+                retune = [t for t in served if not self._has_record(t)]
+                retuned = self._tune_missing(retune, progress)
+                if retuned:
+                    tuned_now += retuned
+                    ex = ms.relax_integration.compile_relax(self.database, mod, self.target,
+                                                            None)
+                tuning_s += time.perf_counter() - start
+                tuned, transferred = sum(self._has_record(t) for t in tasks), 0
         except TrialFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - a compile error fails the trial, not the study
@@ -290,9 +306,34 @@ class Compiler:
             raise TrialFailed(f"TVM compile failed: {type(exc).__name__}: "
                               f"{msg[-1] if msg else ''}") from exc
         self.tuning_s_total += tuning_s
-        new = len(missing) if tune_now else 0
-        self.tasks_tuned_total += new
-        return Compiled(ex, len(tasks), tuned, new, tuning_s, int8_count, weights)
+        self.tasks_tuned_total += tuned_now
+        return Compiled(ex, len(tasks), tuned, tuned_now, tuning_s, int8_count, weights,
+                        transferred)
+
+    def _tune_missing(self, missing: list[Any], progress: Any | None) -> int:
+        """Tune kernels the database lacks (if tuning is on); how many were tuned."""
+        if not missing or not self.can_tune:
+            return 0
+        if progress is not None:
+            progress.reset(total=len(missing) * self.trials_per_task)
+            progress.set_description(f"tuning {len(missing)} new kernels")
+        self._tune(missing, progress)
+        # a kernel all of whose candidates failed to build (a build timeout while the machine
+        # is loaded) would run its untuned default schedule, often 10x slower: tune those once
+        # more before giving up on them
+        failed = [t for t in missing if not self._has_record(t)]
+        if failed:
+            _LOG.warning("%d kernel(s) got no valid candidate; tuning them again", len(failed))
+            self._tune(failed, progress, retry=1)  # (other candidates)
+        return len(missing)
+
+    def _serving(self, transferred: int) -> Any:
+        """The database a build reads: the records, then the transferred schedules."""
+        if not transferred or self.transfer is None:
+            return self.database
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.database.OrderedUnionDatabase(self.database, self.transfer.database())
 
 
 def raised_by_us(exc: BaseException) -> bool:

@@ -91,7 +91,8 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
         latency = run_and_time(compiled.executable, example, reference,
                                settings or target.measurement, target.device(), atol=atol,
                                anchor=anchor)
-    source = Provenance.timed(target.name, compiled.tuned, compiled.tasks, latency.emulated_by)
+    source = Provenance.timed(target.name, compiled.tuned, compiled.tasks, latency.emulated_by,
+                              compiled.transferred)
     return Timed(latency, source, compiled, compile_s)
 
 

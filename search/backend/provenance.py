@@ -9,8 +9,13 @@ from typing import Any
 METHODS = ("measured", "emulated", "predicted")
 
 
-def tuning_label(tuned: int, tasks: int) -> str:
-    """tuned / untuned / partly-tuned(k/n): how many of the compiled kernels were tuned."""
+def tuning_label(tuned: int, tasks: int, transferred: int = 0) -> str:
+    """tuned / untuned / partly-tuned(k/n): how many of the compiled kernels were tuned;
+    `+transferred(t/n)` where t more ran a tuned neighbour's schedule (search.backend.transfer).
+    """
+    if transferred:
+        own = "" if tuned + transferred == tasks else f"partly-tuned({tuned}/{tasks})+"
+        return f"{own or 'tuned+'}transferred({transferred}/{tasks})"
     if tuned == tasks:
         return "tuned"
     return "untuned" if tuned == 0 else f"partly-tuned({tuned}/{tasks})"
@@ -39,11 +44,11 @@ class Provenance:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
     @classmethod
-    def timed(cls, target: str, tuned: int, tasks: int,
-              emulated_by: str | None = None) -> Provenance:
+    def timed(cls, target: str, tuned: int, tasks: int, emulated_by: str | None = None,
+              transferred: int = 0) -> Provenance:
         """A figure timed on the compiled artifact (or under an emulator)."""
-        return cls("emulated" if emulated_by else "measured", target, tuning_label(tuned, tasks),
-                   emulated_by)
+        return cls("emulated" if emulated_by else "measured", target,
+                   tuning_label(tuned, tasks, transferred), emulated_by)
 
     def scaled(self, reference_ms: float) -> Provenance:
         return replace(self, reference_ms=float(reference_ms))

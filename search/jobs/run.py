@@ -98,7 +98,7 @@ def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: P
 def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path) -> Compiler:
     return Compiler(target, tuning_dir(target), config.tune_trials_per_task,
                     log_dir=run_dir / "tuning-logs", seed=config.seed,
-                    budget_s=config.tuning_budget_s)
+                    budget_s=config.tuning_budget_s, transfer=config.transfer)
 
 
 def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
