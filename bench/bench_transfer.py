@@ -1,17 +1,20 @@
 """Transferred schedules vs tuning each kernel vs untuned, on per-layer policies the kernel
 library does not cover.
 
-    python bench/bench_transfer.py [--policies 5] [--seed 21] [--out /tmp/bench-transfer.json]
+    python bench/bench_transfer.py [--policies 5] [--seed 21] [--out /tmp/bench-transfer.json] \
+        [--tuned-db /tmp/bench-transfer-db]
     python bench/bench_transfer.py --analyze /tmp/bench-transfer.json
 
 On target `host`, from a scratch copy of its tuning database (build the library first with
-`search tune`; the copy keeps the bench from adding to it): for `--policies` random per-layer
-policies of the default task's default space (drawn as a random sampler draws them, with
-another seed than `search tune`'s, so many of their kernels lack a record), the candidate is
-compiled three ways, one after the other:
+`search tune`; the copy keeps the bench from adding to it), and a second copy that the
+policies' kernels are tuned into (`--tuned-db`: kept, so that a second run of the bench with
+the same seed reuses those records and takes minutes instead of tuning again): for
+`--policies` random per-layer policies of the default task's default space (drawn as a
+random sampler draws them, with another seed than `search tune`'s, so many of their kernels
+lack a record), the candidate is compiled three ways, one after the other:
 
 1. transferred: kernels without a record replay their nearest tuned kernel's schedule
-   (search.backend.transfer; what a trial does by default),
+   (search.backend.transfer), those no schedule fits tuned (what a trial does by default),
 2. untuned: those kernels keep TVM's default schedule (`transfer: false`,
    `tune_trials_per_task: 0`),
 3. tuned: those kernels tuned first with MetaSchedule (8 trials each, as a trial did before).
@@ -19,7 +22,7 @@ compiled three ways, one after the other:
 Then all three are timed in one process, round by round against the tuned build (the one
 timing path: search.backend.measure, the tuned build as the anchor), and each build's output is
 checked against PyTorch's. Printed per policy: kernels, how many lacked a record, how many
-were transferred, compile seconds with transfer vs tuning seconds, the three latencies and the
+were transferred, compile seconds with transfer vs tuning seconds, the latencies and their
 ratios to tuned. Models are not fine-tuned: latency does not depend on the weight values.
 """
 
@@ -61,12 +64,15 @@ def run(args: argparse.Namespace) -> dict:
     library = tuning_dir(spec)
     scratch = Path(tempfile.mkdtemp(prefix="bench-transfer-")) / "db"
     shutil.copytree(library, scratch, ignore=shutil.ignore_patterns("logs", ".lock"))
+    if not args.tuned_db.exists():
+        shutil.copytree(library, args.tuned_db, ignore=shutil.ignore_patterns("logs", ".lock"))
     x = task.example
     space = derive_space(task.model, x, config.space_choices(), config.knobs)
     rng = random.Random(args.seed)
-    transfer = Compiler(spec, scratch, trials_per_task=0, transfer=True)
+    # as a trial: a kernel no tuned kernel's schedule fits is tuned (into the scratch copy)
+    transfer = Compiler(spec, scratch, trials_per_task=8, transfer=True)
     untuned = Compiler(spec, scratch, trials_per_task=0, transfer=False)
-    tuner = Compiler(spec, scratch, trials_per_task=8, transfer=False)
+    tuner = Compiler(spec, args.tuned_db, trials_per_task=8, transfer=False)
     rows = []
     for i in range(args.policies):
         policy = Policy({ls.name: LayerPolicy(**{k: rng.choice(ls.choices(k))
@@ -75,15 +81,13 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             reference = model(*as_inputs(x))
         mod = to_relax(model, x)
-        # (the tuner's writes of the last policy: read and indexed before the clock starts,
-        # as a run's own compiler has them in memory)
-        start = time.perf_counter()
+        plain = untuned.compile(mod)  # (first: the transfer compile tunes what it cannot serve)
+        start = time.perf_counter()  # (the first policy's compile: reading the library)
         transfer.transfer.index(transfer.refresh_database())
         index_s = time.perf_counter() - start
         start = time.perf_counter()
         moved = transfer.compile(mod)
         transfer_s = time.perf_counter() - start
-        plain = untuned.compile(mod)
         start = time.perf_counter()
         tuned = tuner.compile(mod)
         tune_s = time.perf_counter() - start
@@ -94,13 +98,16 @@ def run(args: argparse.Namespace) -> dict:
         b = run_and_time(plain.executable, x, reference, m, atol=atol, anchor=anchor)
         row = {"policy": i, "kernels": moved.tasks, "lacking": moved.tasks - plain.tuned,
                "transferred": moved.transferred, "transfer_compile_s": round(transfer_s, 1),
+               "transfer_tuning_s": round(moved.tuning_s, 1),
+               "transfer_tuned": moved.new_tasks,
                "tune_compile_s": round(tune_s, 1),
                "read_and_index_s": round(index_s, 1), "tuned_now": tuned.new_tasks,
                "tuned_ms": a.anchor_ms, "transferred_ms": a.median_ms, "untuned_ms": b.median_ms,
                "transferred_ratio": a.ratio, "untuned_ratio": b.ratio}
         rows.append(row)
         print(f"policy {i}: {row['lacking']}/{row['kernels']} kernels lack a record, "
-              f"{row['transferred']} transferred; compile {transfer_s:.0f} s with transfer vs "
+              f"{row['transferred']} transferred; compile {transfer_s:.0f} s with transfer "
+              f"(of it {moved.tuning_s:.0f} s tuning {moved.new_tasks}) vs "
               f"{tune_s:.0f} s tuning {tuned.new_tasks}; tuned {a.anchor_ms:.3f} ms, "
               f"transferred {a.median_ms:.3f} ms ({a.ratio:.3f}x), untuned {b.median_ms:.3f} ms "
               f"({b.ratio:.3f}x)", flush=True)
@@ -117,7 +124,8 @@ def analyze(data: dict) -> None:
                        ("kernels lacking a record", "lacking"),
                        ("of them transferred", "transferred"),
                        ("compile s with transfer", "transfer_compile_s"),
-                       ("compile s tuning them", "tune_compile_s")):
+                       ("compile s of the tuned build", "tune_compile_s"),
+                       ("  of which kernels tuned now", "tuned_now")):
         vals = [r[key] for r in rows]
         print(f"{label:<34} {statistics.median(vals):>8.3f} {min(vals):>7.3f} {max(vals):>7.3f}")
 
@@ -128,6 +136,7 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=5)
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-transfer.json"))
+    ap.add_argument("--tuned-db", type=Path, default=Path("/tmp/bench-transfer-db"))
     ap.add_argument("--analyze", type=Path)
     args = ap.parse_args()
     if args.analyze:

@@ -330,3 +330,24 @@ def test_a_promising_candidate_is_fine_tuned_longer_and_says_so(tmp_path):
              recover_steps=7)  # nothing within the budget: nothing earns more steps
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{strict / 'study.db'}")
     assert all(t.user_attrs["recovered_steps"] == 0 for t in study.trials)
+
+
+def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path):
+    """A trial's kernels the library lacks run a neighbour's schedule (transfer); before the
+    front is written, the feasible front points that did are tuned and timed again, so the
+    figures a user picks from (and exports) are on their own tuned kernels; front.json says
+    how far the transferred figures were."""
+    data = run_tiny(tmp_path / "r", budget_ms=1000.0, trials=4, tune_trials_per_task=2,
+                    sensitivity=False, ip_seeds=[])
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
+    during = {t.number: t.user_attrs["latency_source"]["tuning"] for t in study.trials
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    moved = {n for n, tuning in during.items() if "transferred(" in tuning}
+    assert moved  # the seeds met kernels the baseline's tuning did not cover
+    rows = {r["point"]: r for r in data["transfer"]["points"] if "error" not in r}
+    for p in data["points"]:
+        assert "transferred(" not in p["latency_source"]["tuning"], p
+        if p["trial"] in moved:  # timed again on tuned kernels: that figure is the point's
+            assert p["latency_ms"] == rows[p["trial"]]["measured_ms"]
+            assert rows[p["trial"]]["transferred_ms"] == study.trials[p["trial"]].values[1]
+    assert data["transfer"]["error"]["n"] == len(rows) >= 1

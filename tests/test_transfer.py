@@ -82,3 +82,4 @@ def test_kernels_of_one_structure_differ_only_in_their_extents():
     assert structure(a) == structure(b) != structure(c)  # another dtype: another structure
     assert extents(a) == (1, 16, 16) and extents(b) == (1, 24, 24)
     assert distance(extents(a), extents(a)) == 0 < distance(extents(a), extents(b))
+

@@ -58,6 +58,11 @@ class Provenance:
         return self.method == "predicted"
 
     @property
+    def transferred(self) -> bool:
+        """Some kernels ran a neighbour's schedule, not their own tuned one."""
+        return "transferred(" in self.tuning
+
+    @property
     def label(self) -> str:
         """Short text for tables and CSV, e.g. measured:host:tuned."""
         how = f"emulated({self.emulator})" if self.method == "emulated" else self.method

@@ -12,7 +12,9 @@ takes the trace of the tuned kernel whose structure is identical (same blocks, l
 dtypes, shapes aside) and whose extents are nearest (summed |log| ratio, extent by extent): the
 first of the nearest few that applies. This is transfer tuning (Gibson & Cano, PACT 2022) on
 MetaSchedule's own records. The compiled artifact is real and its latency measured; the
-figure's provenance counts the transferred kernels (`tuned+transferred(k/n)`).
+figure's provenance counts the transferred kernels (`tuned+transferred(k/n)`), and a run
+tunes the kernels of its feasible front points before it reports them
+(search.study.loop.tune_front).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 TRIES = 4  # nearest donors tried per kernel before giving up on it (each try: one replay)
+
+
+def replay(trace: Any, sch: Any) -> None:
+    """Apply a tuned kernel's trace to another kernel's schedule (raises where it does not fit).
+    NOTE: tile splits that no longer divide are repaired by TVM (the whole extent into the
+    first such tile); refitting each tile to its gcd with the new extent measured no better
+    (bench/RESULTS.md 13.8)."""
+    trace.apply_to_schedule(sch, remove_postproc=False)
 
 
 def _func(mod: Any) -> Any:
@@ -116,7 +126,7 @@ class ScheduleTransfer:
                 donors.sort(key=lambda d: (distance(d.extents, mine), d.seconds))
                 for donor in donors[:TRIES]:
                     try:
-                        donor.trace.apply_to_schedule(Schedule(mod), remove_postproc=False)
+                        replay(donor.trace, Schedule(mod))
                     except Exception:  # noqa: BLE001 - TVM: this trace does not fit; next one
                         continue
                     self._chosen[text] = donor.trace
@@ -137,7 +147,7 @@ class ScheduleTransfer:
             if trace is None:
                 return False
             try:
-                trace.apply_to_schedule(sch, remove_postproc=False)
+                replay(trace, sch)
             except Exception:  # noqa: BLE001 - (replayed on this kernel when planned)
                 return False
             return True

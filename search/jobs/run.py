@@ -27,7 +27,7 @@ from search.devices.target import TargetSpec
 from search.report.front import write_front
 from search.study.artifacts import DEFAULT_FOLDER
 from search.study.config import SearchConfig
-from search.study.loop import measure_front, prepare_study, settle, work
+from search.study.loop import measure_front, prepare_study, settle, tune_front, work
 from search.study.runfolder import RunInfo, setup_threads, tuning_dir
 from search.study.storage import (
     STUDY_NAME,
@@ -95,10 +95,12 @@ def prepare(target_name: str, budget_ms: float, config: SearchConfig, run_dir: P
     return target, info
 
 
-def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path) -> Compiler:
+def make_compiler(target: TargetSpec, config: SearchConfig, run_dir: Path,
+                  transfer: bool | None = None) -> Compiler:
     return Compiler(target, tuning_dir(target), config.tune_trials_per_task,
                     log_dir=run_dir / "tuning-logs", seed=config.seed,
-                    budget_s=config.tuning_budget_s, transfer=config.transfer)
+                    budget_s=config.tuning_budget_s,
+                    transfer=config.transfer if transfer is None else transfer)
 
 
 def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
@@ -154,9 +156,17 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
         say("measuring the front's points whole (their latency was predicted) ...")
         latency_table = measure_front(study, run_dir, task, target,
                                       make_compiler(target, config, run_dir), info.budget_ms)
+    transfer = None
+    if config.transfer and config.tune_trials_per_task > 0:  # the figures a user picks from:
+        # on their own tuned kernels, not a neighbour's schedules
+        transfer = tune_front(study, run_dir, task, target,
+                              make_compiler(target, config, run_dir, transfer=False),
+                              info.budget_ms, say=say)
     data = write_front(run_dir, study, info.budget_ms, target.name, store)
     if latency_table is not None:
         data["latency_table"] = latency_table
+    if transfer is not None:
+        data["transfer"] = transfer
     failure = why_no_result(study)
     # (the reference times the uncompressed model: pointless, and may fail, if it did)
     data["reference"] = reference_latency(task, target) if data["baseline"] else None
@@ -304,7 +314,7 @@ def refresh_front(run_dir: Path, info: RunInfo) -> dict[str, Any]:
         old = json.loads((run_dir / "front.json").read_text())
     data = write_front(run_dir, study, info.budget_ms, target.name, info.store(run_dir))
     data["tuning"] = tuning_summary(study, info.config, tuning_dir(target))
-    for key in ("reference", "workers", "wall_s", "latency_table"):
+    for key in ("reference", "workers", "wall_s", "latency_table", "transfer"):
         if isinstance(old, dict) and key in old:
             data[key] = old[key]
     data.setdefault("reference", None)

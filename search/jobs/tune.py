@@ -12,7 +12,9 @@ calibrated, channels and ranks at the target's granularity) and its fused kernel
 with the Compiler's own passes; distinct kernels (by workload) are then tuned in order of their
 estimated share of the latency (FLOPs x calls, averaged over the candidates: an estimate that
 only orders the work), a chunk at a time, until the budget is spent. Re-running resumes: a
-kernel with a record is skipped.
+kernel with a record is skipped. A trial's kernel that the library lacks replays the schedule
+of the library's nearest kernel of its structure (search.backend.transfer): the library's
+breadth of structures and shapes, more than its exact coverage, is what trials draw on.
 """
 
 from __future__ import annotations
