@@ -13,7 +13,7 @@ dtypes, shapes aside) and whose extents are nearest (summed |log| ratio, extent 
 first of the nearest few that applies. This is transfer tuning (Gibson & Cano, PACT 2022) on
 MetaSchedule's own records. The compiled artifact is real and its latency measured; the
 figure's provenance counts the transferred kernels (`tuned+transferred(k/n)`), and a run
-tunes the kernels of its feasible front points before it reports them
+tunes the kernels of its front points near the budget before it reports them
 (search.study.loop.tune_front).
 """
 

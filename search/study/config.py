@@ -37,7 +37,7 @@ class SearchConfig:
     tuning_budget_s: float | None = None  # per run: once spent, new kernels stay untuned
     transfer: bool = True  # a kernel the tuning database lacks takes the schedule of its
     # nearest tuned kernel of the same structure (search.backend.transfer) instead of being
-    # tuned in the trial (the feasible front points' kernels are tuned at the end, and those
+    # tuned in the trial (the front points near the budget are tuned at the end, and those
     # points timed again); false: tune it in the trial (tune_trials_per_task)
     seed: int = 0
     heartbeat_s: int = 20  # a worker's running trial writes a heartbeat this often; a trial
