@@ -271,7 +271,7 @@ class Compiler:
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
             served = [] if self.transfer is None else self.transfer.plan(self.database, missing)
-            to_tune = [t for t in missing if not any(t is s for s in served)]
+            to_tune = [t for t in missing if all(t is not s for s in served)]
             start = time.perf_counter()
             tuned_now = self._tune_missing(to_tune, progress)
             tuning_s = time.perf_counter() - start

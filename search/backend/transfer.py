@@ -87,10 +87,10 @@ class ScheduleTransfer:
     def index(self, database: Any) -> None:
         """Group the database's best record per workload by structure (again only when the
         database changed: a refresh, or records this process tuned)."""
-        records = database.get_all_tuning_records()
-        stamp = (database, len(records))
+        stamp = (database, len(database))
         if stamp[0] is self._indexed[0] and stamp[1] == self._indexed[1]:
             return
+        records = database.get_all_tuning_records()
         from tvm_ffi import structural_hash
 
         best: dict[int, tuple[float, Any]] = {}
