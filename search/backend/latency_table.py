@@ -197,6 +197,12 @@ def family_of(model: nn.Module, example: torch.Tensor) -> str:
 # the table
 
 
+def _tuned(entry: dict[str, Any]) -> bool:
+    """Measured on tuned kernels: its own records, or schedules transferred from a tuned
+    neighbour (search.backend.transfer); not measured again once the compiler can tune."""
+    return entry["tuning"] == "tuned" or entry["tuning"].startswith("tuned+")
+
+
 def _tolerance(module: nn.Module, ref: torch.Tensor) -> float:
     """atol for checking a lone op's compiled output (random weights: scale by the output)."""
     base = getattr(module, "tolerance", 1e-3)  # a 16-bit layer rounds differently per runtime
@@ -263,7 +269,7 @@ class LatencyTable:
         out: list[str] = []
         for op in layer_ops(model, example, self.int8_kind):
             entry = layers.get(op.key)
-            if (entry is None or (tuned and entry["tuning"] != "tuned")) and op.key not in out:
+            if (entry is None or (tuned and not _tuned(entry))) and op.key not in out:
                 out.append(op.key)
         return out
 
@@ -275,16 +281,26 @@ class LatencyTable:
 
         An entry measured untuned is measured again when the compiler can tune now.
         """
+        return self.measure_ops(layer_ops(model, example, self.int8_kind), compiler, target,
+                                settings, progress)
+
+    def measure_ops(self, ops_in: Iterable[LayerOp], compiler: Any,
+                    target: TargetSpec | None = None, settings: Measurement | None = None,
+                    progress: Any | None = None, together: bool = True) -> list[str]:
+        """`measure_missing` for a list of ops. `together`: tune the kernels of the missing ops
+        in one MetaSchedule session first (else each compile tunes or transfers its own, as
+        a trial's compile does: search.backend.transfer). Returns the keys measured."""
         from search.backend.compile import to_relax
 
         target = target or compiler.spec
         settings = settings or target.measurement
         want_tuned = bool(compiler.can_tune)
         ops: dict[str, LayerOp] = {}
-        for op in layer_ops(model, example, self.int8_kind):
+        for op in ops_in:
             ops.setdefault(op.key, op)
-        todo = self.missing(model, example, tuned=want_tuned)
-        if todo and want_tuned:
+        layers = self.layers
+        todo = [k for k in ops if k not in layers or (want_tuned and not _tuned(layers[k]))]
+        if todo and want_tuned and together:
             with device_lock(target):
                 tune_together(compiler, [to_relax(ops[k].make().eval(), ops[k].example())
                                          for k in todo], progress)
@@ -292,14 +308,15 @@ class LatencyTable:
         for key in todo:
             op = ops[key]
             entry = self.layers.get(key)  # another worker may have measured it meanwhile
-            if entry is not None and (not want_tuned or entry["tuning"] == "tuned"):
+            if entry is not None and (not want_tuned or _tuned(entry)):
                 continue
             torch.manual_seed(0)
             module = op.make().eval()
             x = op.example()
             with torch.no_grad():
                 atol = _tolerance(module, module(x))
-            timed = compile_and_time(module, x, compiler, target, settings, atol, progress)
+            timed = compile_and_time(module, x, compiler, target, settings, atol,
+                                     progress if together else None)  # (else: counts ops)
             latency = timed.latency
             record = {
                 "ms": latency.median_ms, "p25_ms": latency.p25_ms, "p75_ms": latency.p75_ms,
@@ -310,6 +327,8 @@ class LatencyTable:
             self._update(lambda data, k=key, r=record: data["layers"].__setitem__(k, r))
             self.measured += 1
             done.append(key)
+            if progress is not None and not together:
+                progress.update(1)
         return done
 
     # ---- whole models and the residual

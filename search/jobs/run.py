@@ -120,9 +120,12 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     url = info.url(run_dir)
     with tqdm(total=0, desc="sensitivity", unit="case", leave=False,
               disable=not show_progress, dynamic_ncols=True) as bar:
-        study, space = prepare_study(run_dir, task, config, url, info.study, resume,
-                                     info.to_dict(), own_storage=info.storage is None,
-                                     say=say, progress=bar)
+        study, space = prepare_study(
+            run_dir, task, config, url, info.study, resume, info.to_dict(),
+            own_storage=info.storage is None, say=say, progress=bar,
+            compiler=lambda: make_compiler(target, config, run_dir),
+            bar=lambda n: tqdm(total=n, desc="layer ops", unit="op", leave=False,
+                               disable=not show_progress, dynamic_ncols=True))
     trials_bar = tqdm(total=config.trials, desc="trials", unit="trial", position=0,
                       disable=not show_progress, dynamic_ncols=True)
     trials_bar.update(min(finished_count(study), config.trials))

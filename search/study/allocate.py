@@ -14,9 +14,11 @@ An option o is one value of each searched knob. Decisions:
   0, and a drop below the table's resolution as half of it times the share of the layer's cost
   the option removes (an undetected loss is not no loss). An option with a value the table
   lacks is left out (sensitivity narrowed it away).
-- cost[l, o]: an ESTIMATE, only to propose seeds: the layer's multiply-adds in its compressed
-  shape (rank, kept output channels at the target's granularity) times a per-precision factor
-  (PRECISION_COST). Every seed is then built, fine-tuned and timed for real like any trial.
+- cost[l, o]: with `ip_cost: measured`, the layer's ops under that option compiled alone and
+  timed on the target (search.study.layer_cost); with `ip_cost: estimate`, an ESTIMATE: the
+  layer's multiply-adds in its compressed shape (rank, kept output channels at the target's
+  granularity) times a per-precision factor (PRECISION_COST). Either way only to propose
+  seeds: every seed is then built, fine-tuned and timed whole like any trial.
 - bytes[l, o]: the layer's weights at its precision (params x bits / 8).
 - `per="block"`: one option per block (layers sharing a name up to their first index, e.g.
   `features.3`), for large models: the options common to all its layers, costs summed.
@@ -150,15 +152,15 @@ def modelled(knobs: list[str]) -> list[str]:
 
 
 def by_threshold(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
-                 sensitivity: Sensitivity, thresholds: list[float]
-                 ) -> list[tuple[float, Policy]]:
+                 sensitivity: Sensitivity, thresholds: list[float],
+                 options: Options | None = None) -> list[tuple[float, Policy]]:
     """The sensitivity-threshold baseline (Distiller's sensitivity pruning; the AMC-style
     "uniform allocation scaled by sensitivity" of bench/RESULTS.md): for each threshold t,
     every layer independently takes its cheapest option whose summed drop is at most t. No
     budget is solved for; thresholds trace the family. Duplicates once (the first threshold
     giving a policy names it)."""
     knobs = modelled(knobs)
-    per_layer = options_of(model, example, space, knobs, sensitivity)
+    per_layer = options or options_of(model, example, space, knobs, sensitivity)
     policies: list[tuple[float, Policy]] = []
     for t in thresholds:
         layers = {}
@@ -174,12 +176,15 @@ def by_threshold(model: nn.Module, example: Any, space: list[LayerSpace], knobs:
 
 def allocate(model: nn.Module, example: Any, space: list[LayerSpace], knobs: list[str],
              sensitivity: Sensitivity, latency_fractions: list[float],
-             size_fraction: float | None = None, per: str = "layer") -> list[Allocation]:
-    """One solution per latency fraction (infeasible ones are left out), duplicates once."""
+             size_fraction: float | None = None, per: str = "layer",
+             options: Options | None = None) -> list[Allocation]:
+    """One solution per latency fraction (infeasible ones are left out), duplicates once.
+    `options`: `options_of`'s, with measured costs (search.study.layer_cost) in place of the
+    estimate."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     knobs = modelled(knobs)
-    per_layer = options_of(model, example, space, knobs, sensitivity)
+    per_layer = options or options_of(model, example, space, knobs, sensitivity)
     groups: dict[str, list[str]] = {}
     for ls in space:
         groups.setdefault(block_of(ls.name) if per == "block" else ls.name, []).append(ls.name)

@@ -35,11 +35,12 @@ from search.compress.space import LayerSpace, derive_space, uniform
 from search.core.errors import InternalError, TrialFailed, UserError
 from search.core.task import Task
 from search.devices.target import TargetSpec
-from search.study.allocate import allocate
+from search.study.allocate import allocate, modelled, options_of
 from search.study.artifacts import WEIGHTS, ArtifactStore, upload_trial_files
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
+from search.study.layer_cost import measured_options
 from search.study.points import DUPLICATE_OF, POLICY
 from search.study.sensitivity import cached_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
@@ -268,9 +269,14 @@ def save_traceback(run_dir: Path, trial: int, exc: BaseException) -> Path:
 def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, name: str,
                   resume: bool, run_info: dict[str, Any], own_storage: bool,
                   say: Callable[[str], None] = lambda _: None, progress: Any | None = None,
-                  sampler_seed: int | None = None) -> tuple[optuna.Study, list[LayerSpace]]:
+                  sampler_seed: int | None = None,
+                  compiler: Callable[[], Any] | None = None,
+                  bar: Callable[[int], Any] | None = None
+                  ) -> tuple[optuna.Study, list[LayerSpace]]:
     """Create the study (seeded; the run's settings, sensitivity and search space stored as
-    study user attrs, so a worker elsewhere joins from the storage alone) or reopen it."""
+    study user attrs, so a worker elsewhere joins from the storage alone) or reopen it.
+    `compiler` makes the compiler that times the program's costs (`ip_cost: measured`);
+    `bar(total)` a progress bar for it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(url, name, config.seed if sampler_seed is None else sampler_seed,
                        config.startup_trials, create=not resume,
@@ -297,15 +303,26 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             say(sensitivity_table(sens))
             if config.sensitivity_max_drop is not None:
                 space = narrow_space(space, sens, config.sensitivity_max_drop)
+            options, cost = None, {"source": "estimate: multiply-adds x precision factor"}
+            if config.ip_seeds and config.ip_cost == "measured" and compiler is not None:
+                say("timing each layer's ops under each option for the integer program "
+                    "(kept per target: later runs reuse them) ...")
+                options, cost = measured_options(
+                    task, modelled(config.knobs),
+                    options_of(task.model, task.example, space, modelled(config.knobs), sens),
+                    compiler(), progress=bar)
             seeds = allocate(task.model, task.example, space, config.knobs, sens,
-                             config.ip_seeds, config.ip_size, config.ip_per) \
+                             config.ip_seeds, config.ip_size, config.ip_per, options) \
                 if config.ip_seeds else []
+            study.set_user_attr("ip_cost", cost)
             study.set_user_attr("ip_seeds", [
                 {"latency_fraction": a.latency_fraction, "predicted_drop": a.predicted_drop,
-                 "cost_fraction_estimate": a.cost_fraction, "bytes_fraction": a.bytes_fraction}
+                 "cost_fraction": a.cost_fraction, "cost_source": cost["source"],
+                 "bytes_fraction": a.bytes_fraction}
                 for a in seeds])
+            what = "measured" if options else "estimated"
             for a in seeds:
-                say(f"integer-program seed for {a.latency_fraction:.0%} of the estimated cost: "
+                say(f"integer-program seed for {a.latency_fraction:.0%} of the {what} cost: "
                     f"summed sensitivity {a.predicted_drop:+.3f}, weights "
                     f"{a.bytes_fraction:.0%} of the uncompressed")
         with warnings.catch_warnings():  # "experimental" in Optuna 5
