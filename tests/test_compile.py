@@ -10,8 +10,9 @@ from torch import nn
 from search.backend.compile import Compiler, to_relax
 from search.backend.measure import run_and_time
 from search.backend.provenance import Provenance
-from search.compress.build import build
+from search.compress.build import build, output_error
 from search.compress.policy import LayerPolicy, Policy
+from search.core.data import as_inputs, check_inputs
 from search.core.errors import TrialFailed
 from search.devices.target import Measurement, load_target
 
@@ -110,6 +111,41 @@ def test_output_mismatch_fails_the_trial(tiny_task, untuned):
     wrong = torch.zeros(1, 10)
     with pytest.raises(TrialFailed, match="differs from PyTorch"):
         run_and_time(compiled.executable, tiny_task.example, wrong, Measurement(1, 1, 1))
+
+
+def test_the_output_check_passes_rounding_steps_on_a_few_inputs_and_fails_a_wrong_function():
+    """Rounding layers land one step apart on some inputs (output_error's docstring): a check on
+    several inputs passes those and fails an output that is off on every input, or far off on
+    one."""
+    rng = np.random.default_rng(0)
+    refs = [rng.normal(0, 2, size=(1, 10)) for _ in range(16)]
+    atol = 0.25
+    stepped = [r + (0.6 if i in (3, 9) else 0.0) for i, r in enumerate(refs)]  # 2.4x atol
+    assert output_error(list(zip(stepped, refs, strict=True)), atol) is None
+    # the same error on one input alone fails, as before: nothing to take the median over
+    assert "limit" in output_error([(stepped[3], refs[3])], atol)
+    shifted = [r + 0.3 for r in refs]  # a wrong bias: every input off
+    assert "median over 16 inputs 0.3" in output_error(list(zip(shifted, refs, strict=True)),
+                                                       atol)
+    wild = [r + (5.0 if i == 0 else 0.0) for i, r in enumerate(refs)]  # beyond the tail
+    assert "max abs error 5" in output_error(list(zip(wild, refs, strict=True)), atol)
+    nan = [r * np.nan if i == 0 else r for i, r in enumerate(refs)]
+    assert output_error(list(zip(nan, refs, strict=True)), atol) is not None
+    assert "shape" in output_error([(refs[0][:, :5], refs[0])], atol)
+
+
+def test_the_compiled_model_is_checked_on_every_input_given(tiny_task, untuned):
+    compiled = untuned.compile(to_relax(tiny_task.model, tiny_task.example))
+    inputs = check_inputs(tiny_task.train, tiny_task.example, n=8)
+    assert len(inputs) == 8 and inputs[0][0].shape == as_inputs(tiny_task.example)[0].shape
+    with torch.no_grad():
+        ref = tiny_task.model(*as_inputs(tiny_task.example))
+        more = [(x, tiny_task.model(*x)) for x in inputs]
+    run_and_time(compiled.executable, tiny_task.example, ref, Measurement(1, 1, 1), more=more)
+    wrong = [(x, torch.zeros_like(r)) for x, r in more]  # the example right, the rest not
+    with pytest.raises(TrialFailed, match="median over 9 inputs"):
+        run_and_time(compiled.executable, tiny_task.example, ref, Measurement(1, 1, 1),
+                     more=wrong)
 
 
 def test_an_unexportable_model_fails_the_trial_with_its_reason():

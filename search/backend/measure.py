@@ -5,7 +5,7 @@ output against PyTorch's, then time the compiled artifact on the target."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 
 from search.backend.compile import Compiled, to_relax
 from search.backend.provenance import Provenance
+from search.compress.build import output_error
 from search.core.data import as_inputs
 from search.core.errors import TrialFailed
 from search.devices.device import Device
@@ -69,16 +70,19 @@ class Timed:
 
 def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target: Any = None,
                      settings: Measurement | None = None, atol: float = 1e-3,
-                     progress: Any | None = None, anchor: Anchor | None = None) -> Timed:
+                     progress: Any | None = None, anchor: Anchor | None = None,
+                     checks: Sequence[Any] = ()) -> Timed:
     """Compile `model` (with every input of `example`) with `compiler`, check its output against
-    PyTorch's within `atol`, and time it on the target, holding the target's device lock (one
-    process at a time tunes and times on a device), interleaved with `anchor` when given.
-    TrialFailed says why a candidate failed, also when a layer the policy made int8 does not
-    compile to an int8 kernel."""
+    PyTorch's within `atol` (on `example` and the inputs `checks`, as
+    search.compress.build.output_error says), and time it on the target, holding the target's
+    device lock (one process at a time tunes and times on a device), interleaved with `anchor`
+    when given. TrialFailed says why a candidate failed, also when a layer the policy made int8
+    does not compile to an int8 kernel."""
     target = target or compiler.spec
     int8_layers = sum(1 for m in model.modules() if getattr(m, "computes_in_int8", False))
     with torch.no_grad():
         reference = model.eval()(*as_inputs(example))
+        more = [(x, model(*as_inputs(x))) for x in checks]
     mod = to_relax(model, example)
     with device_lock(target):
         start = time.perf_counter()
@@ -90,7 +94,7 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
                               f"on widened int32 operands); not timed as int8")
         latency = run_and_time(compiled.executable, example, reference,
                                settings or target.measurement, target.device(), atol=atol,
-                               anchor=anchor)
+                               anchor=anchor, more=more)
     source = Provenance.timed(target.name, compiled.tuned, compiled.tasks, latency.emulated_by,
                               compiled.transferred)
     return Timed(latency, source, compiled, compile_s)
@@ -109,8 +113,10 @@ def compile_anchor(model: torch.nn.Module, example: Any, compiler: Any,
 
 def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                  settings: Measurement, device: Device | None = None, atol: float = 1e-3,
-                 rtol: float = 1e-2, anchor: Anchor | None = None) -> Latency:
-    """Run once and compare with `reference` (PyTorch's output), then time with the evaluator.
+                 rtol: float = 1e-2, anchor: Anchor | None = None,
+                 more: Sequence[tuple[Any, torch.Tensor]] = ()) -> Latency:
+    """Run once and compare with `reference` (PyTorch's output), and on each of `more`'s inputs
+    with its reference (search.compress.build.output_error), then time with the evaluator.
 
     On a device over RPC, a dropped session is retried once on a fresh one; a second failure
     fails the trial with its reason (never the study).
@@ -118,12 +124,12 @@ def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     device = device or Device()
     if device.local:
         return _run_and_time(executable, example, reference, settings, None, device, atol, rtol,
-                             anchor)
+                             anchor, more)
     for attempt in (1, 2):
         try:
             session = device.session()
             return _run_and_time(executable, example, reference, settings, session, device,
-                                 atol, rtol, anchor)
+                                 atol, rtol, anchor, more)
         except TrialFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - a device drop: one retry, then a failed trial
@@ -140,7 +146,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
                   settings: Measurement, session: Any, device: Device, atol: float,
-                  rtol: float, anchor: Anchor | None = None) -> Latency:
+                  rtol: float, anchor: Anchor | None = None,
+                  more: Sequence[tuple[Any, torch.Tensor]] = ()) -> Latency:
     import tvm
     from tvm import relax
 
@@ -150,18 +157,22 @@ def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     dev = tvm.cpu() if session is None else session.cpu()
     emulation = None if session is None else device.emulation(session)
     vm = relax.VirtualMachine(load(executable, "candidate"), dev)
-    xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(example)]
+
+    def tensors(inputs: Any) -> list[Any]:
+        return [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(inputs)]
+
+    xs = tensors(example)
     try:
-        out = vm["main"](*xs).numpy()
+        pairs = [(vm["main"](*xs).numpy(), reference)]
+        pairs += [(vm["main"](*tensors(x)).numpy(), ref) for x, ref in more]
     except Exception as exc:  # noqa: BLE001
         if session is not None:
             raise  # maybe the device dropped: the caller retries
         raise TrialFailed(f"compiled model failed to run: {type(exc).__name__}: "
                           f"{_first_line(exc)}") from exc
-    ref = reference.detach().float().numpy()
-    if out.shape != ref.shape or not np.allclose(out, ref, atol=atol, rtol=rtol):
-        err = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("nan")
-        raise TrialFailed(f"compiled output differs from PyTorch (max abs error {err:.3g})")
+    wrong = output_error([(out, ref.detach().float().numpy()) for out, ref in pairs], atol, rtol)
+    if wrong is not None:
+        raise TrialFailed(f"compiled output differs from PyTorch ({wrong})")
     timer = _timer(vm, dev, settings, xs)
     anchor_timer = None
     if anchor is not None:

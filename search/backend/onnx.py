@@ -8,6 +8,7 @@ import io
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.compress.build import output_error
 from search.core.data import Inputs, as_inputs
 from search.core.errors import TrialFailed, UserError
 from search.devices.target import Measurement
@@ -49,16 +51,19 @@ def to_onnx(model: nn.Module, example: Any, path: Path) -> None:
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def check_onnx(path: Path, example: Any, reference: torch.Tensor, atol: float) -> float:
-    """Run the ONNX file in ONNX Runtime; its output must match PyTorch's."""
+def check_onnx(path: Path, example: Any, reference: torch.Tensor, atol: float,
+               more: Sequence[tuple[Any, torch.Tensor]] = ()) -> float:
+    """Run the ONNX file in ONNX Runtime on `example` and `more`'s inputs; its outputs must
+    match PyTorch's (search.compress.build.output_error). Returns the largest error."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, onnx_feed(sess, example))[0]
-    err = float(np.abs(out - reference.numpy()).max())
-    if not err <= atol:
-        raise UserError(f"ONNX Runtime output differs from PyTorch by {err:.3g} (> {atol})")
-    return err
+    pairs = [(sess.run(None, onnx_feed(sess, x))[0], ref.detach().float().numpy())
+             for x, ref in [(example, reference), *more]]
+    wrong = output_error(pairs, atol)
+    if wrong is not None:
+        raise UserError(f"ONNX Runtime output differs from PyTorch ({wrong})")
+    return max(float(np.abs(out - ref).max()) for out, ref in pairs)
 
 
 def ort_session_bytes(model: nn.Module, example: Any) -> bytes:

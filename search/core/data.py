@@ -30,6 +30,19 @@ def as_inputs(x: Any) -> Inputs:
     raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {_kind(x)}")
 
 
+def check_inputs(split: Split, example: Any, n: int = 15) -> list[Inputs]:
+    """Up to `n` single inputs of `split` shaped like `example` (a compiled model takes only
+    its example's shapes): compiled outputs are compared with PyTorch's on these and the example
+    (search.compress.build.output_error)."""
+    shapes = [t.shape for t in as_inputs(example)]
+    out = []
+    for batch in split.head(n).batches(1):
+        inputs = as_inputs(batch.inputs)
+        if [t.shape for t in inputs] == shapes:
+            out.append(inputs)
+    return out
+
+
 def _kind(x: Any) -> str:
     if isinstance(x, tuple | list):
         return f"{type(x).__name__} of ({', '.join(type(v).__name__ for v in x[:4])})"

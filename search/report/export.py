@@ -19,6 +19,7 @@ from torch import nn
 from search.backend.artifact import WeightBytes, library_weight_bytes
 from search.backend.onnx import check_onnx, to_onnx
 from search.compress.precision import Half
+from search.core.data import check_inputs
 from search.study.runfolder import load_trial_model
 
 
@@ -67,8 +68,10 @@ def export_trial(run_dir: Path, trial: int, out: Path, task: Any = None) -> Expo
     if task is None:
         task = load_task(info.config.task, **info.config.task_args)
     model, policy = load_trial_model(run_dir, trial, task)
+    checks = check_inputs(task.train, task.example)
     with torch.no_grad():
         reference = model(*task.example)
+        more = [(x, model(*x)) for x in checks]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -84,7 +87,7 @@ def export_trial(run_dir: Path, trial: int, out: Path, task: Any = None) -> Expo
         runnable, notes = onnx_form(model)
         to_onnx(runnable, task.example, partial / "model.onnx")
         err = check_onnx(partial / "model.onnx", task.example, reference,
-                         atol=output_tolerance(policy, 1e-4))
+                         atol=output_tolerance(policy, 1e-4), more=more)
         policy.save(partial / "policy.yaml")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

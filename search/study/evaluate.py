@@ -21,7 +21,7 @@ from search.backend.provenance import Provenance
 from search.compress.build import apply_precision, output_tolerance, restructure
 from search.compress.policy import Policy
 from search.compress.size import ModelStats, model_stats
-from search.core.data import evaluate
+from search.core.data import check_inputs, evaluate
 from search.core.task import Task
 from search.devices.lock import cpu_turn
 from search.devices.target import TargetSpec
@@ -76,6 +76,8 @@ class Evaluator:
         self.compiler = compiler
         self.config = config
         self.teacher = Teacher(task.model, task.train)
+        # beside the example, the compiled output is checked against PyTorch's on these
+        self.checks = check_inputs(task.train, task.example)
         # predicted latency while searching: a per-layer table next to the tuning database
         self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
             else None
@@ -177,7 +179,7 @@ class Evaluator:
         anchor = self.anchor()
         timed = compile_and_time(model, task.example, self.compiler, self.target,
                                  atol=output_tolerance(policy), progress=progress,
-                                 anchor=anchor)
+                                 anchor=anchor, checks=self.checks)
         latency, compiled, source = timed.latency, timed.compiled, timed.source
         if latency.ratio is not None:
             if self.reference_ms is None:

@@ -32,6 +32,7 @@ from search.compress.build import (
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.precision import precision_of
 from search.compress.space import LayerSpace, derive_space, uniform
+from search.core.data import check_inputs
 from search.core.errors import InternalError, TrialFailed, UserError
 from search.core.task import Task
 from search.devices.target import TargetSpec
@@ -471,6 +472,7 @@ def tune_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpe
     from search.study.runfolder import load_trial_model
 
     measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
+    checks = check_inputs(task.train, task.example)
     anchor = None
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
@@ -487,7 +489,8 @@ def tune_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpe
             row: dict[str, Any] = {"point": p.trial, "transferred_ms": p.latency_ms}
             try:
                 timed = compile_and_time(model, task.example, compiler, target,
-                                         atol=output_tolerance(policy), anchor=anchor)
+                                         atol=output_tolerance(policy), anchor=anchor,
+                                         checks=checks)
             except TrialFailed as exc:
                 measured[str(p.trial)] = {**row, "error": str(exc)}
                 continue
