@@ -327,7 +327,8 @@ def quantize_layers(model: nn.Module, acts: dict[str, ActQuant | float]) -> nn.M
 def fold_batchnorm(model: nn.Module, name: str) -> bool:
     """Fold the BatchNorm2d that follows conv `name` in its parent Sequential into the conv (as
     every int8 deployment does before quantizing: the per-channel weight scales absorb it), and
-    replace the BatchNorm with Identity. True if one was folded."""
+    replace the BatchNorm with Identity. `name` may be a factorized pair (a Sequential of
+    convs): the BatchNorm goes into its last conv. True if one was folded."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     parent_name, _, leaf = name.rpartition(".")
@@ -337,13 +338,15 @@ def fold_batchnorm(model: nn.Module, name: str) -> bool:
     i = int(leaf)
     if i + 1 >= len(parent) or not isinstance(parent[i + 1], nn.BatchNorm2d):
         return False
-    conv, bn = parent[i], parent[i + 1]
+    holder, index, conv, bn = parent, i, parent[i], parent[i + 1]
+    if isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[-1], nn.Conv2d):
+        holder, index, conv = conv, len(conv) - 1, conv[-1]
     if not isinstance(conv, nn.Conv2d) or not bn.track_running_stats:
         return False
     fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
     # what the weights were multiplied by (per output channel): the sensitivity pass compares
     # a layer's effective weight with the original's, before the fold
     fused.folded_bn_scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().clone()
-    parent[i] = fused
+    holder[index] = fused
     parent[i + 1] = nn.Identity()
     return True

@@ -303,11 +303,13 @@ def _weight(m: nn.Module) -> torch.Tensor:
     """A layer's weight in fp32 (an int8 layer's: its int8 values times their scales)."""
     if isinstance(m, Int8Linear):
         return m.weight_q.float() * m.weight_scale[:, None]
-    if isinstance(m, Int8Conv2d):  # in the original layer's terms: its BatchNorm unfolded
+    if isinstance(m, Int8Conv2d):
         w = m.weight_q.float() * m.weight_scale[:, None, None, None]
-        bn = m.folded_bn_scale
-        return w if bn is None else w / bn.view(-1, 1, 1, 1)
-    return m.weight.detach().float()
+    else:
+        w = m.weight.detach().float()
+    # in the original layer's terms: its BatchNorm unfolded (search.compress.int8.fold_batchnorm)
+    bn = getattr(m, "folded_bn_scale", None)
+    return w if bn is None else w / bn.view(-1, *[1] * (w.dim() - 1))
 
 
 # --- the pass -----------------------------------------------------------------------------
