@@ -29,7 +29,7 @@ KNOBS = {
                         ["params", "flops", "ideal_size_bytes"], []),
     "sparsity-fisher": ({"sparsity": 0.5, "importance": "fisher"},
                         ["params", "flops", "ideal_size_bytes"], []),
-    "bits16": ({"bits": 16}, ["ideal_size_bytes"], ["params", "flops"]),
+    "bits16": ({"bits": 16}, ["ideal_size_bytes"], ["flops"]),  # (a BatchNorm folds too)
     "bits8": ({"bits": 8}, ["ideal_size_bytes"], ["flops"]),  # (a BatchNorm folds: fewer params)
     "prune": ({"prune": 0.9}, ["ideal_size_bytes"], ["params", "flops"]),
     "share": ({"share": 2}, ["ideal_size_bytes"], ["params", "flops"]),
@@ -39,7 +39,7 @@ KNOBS = {
     "bits4": ({"bits": 4}, ["ideal_size_bytes"], ["params", "flops"]),
     "ternary": ({"bits": 2}, ["ideal_size_bytes"], ["params", "flops"]),
     "binary": ({"bits": 1}, ["ideal_size_bytes"], ["params", "flops"]),
-    "bf16": ({"bits": 16, "half": "bf16"}, ["ideal_size_bytes"], ["params", "flops"]),
+    "bf16": ({"bits": 16, "half": "bf16"}, ["ideal_size_bytes"], ["flops"]),
     "nm2:4": ({"nm": "2:4"}, ["ideal_size_bytes"], ["params", "flops"]),
 }
 
