@@ -32,13 +32,15 @@ def as_inputs(x: Any) -> Inputs:
 
 def check_inputs(split: Split, example: Any, n: int = 15) -> list[Inputs]:
     """Up to `n` single inputs of `split` shaped like `example` (a compiled model takes only
-    its example's shapes): compiled outputs are compared with PyTorch's on these and the example
+    its example's shapes) and finite (runtimes differ in how NaN passes a max or a ReLU):
+    compiled outputs are compared with PyTorch's on these and the example
     (search.compress.build.output_error)."""
     shapes = [t.shape for t in as_inputs(example)]
     out = []
     for batch in split.head(n).batches(1):
         inputs = as_inputs(batch.inputs)
-        if [t.shape for t in inputs] == shapes:
+        if [t.shape for t in inputs] == shapes and all(
+                bool(t.isfinite().all()) for t in inputs if t.is_floating_point()):
             out.append(inputs)
     return out
 
