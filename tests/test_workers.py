@@ -339,3 +339,43 @@ def test_a_bad_artifact_store_or_half_a_shared_study_is_one_line(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
     assert not (tmp_path / "r" / "run.yaml").exists()  # refused before anything was written
+
+
+def test_a_trial_created_past_the_budget_gives_itself_up(tmp_path, monkeypatch):
+    """Hosts check the budget (claimed_count) and then create a trial, so two may go ahead at
+    once. The trial that the storage numbered past the budget is recorded as surplus (FAIL,
+    nothing evaluated), counted nowhere, listed as no failure, and the run ends whole."""
+    import search.study.loop as loop
+    from search import search
+    from search.study.storage import SURPLUS, finished_count, over_budget
+
+    # the storage's order decides, whatever each host read before creating its trial
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    first, second, third = study.ask(), study.ask(), study.ask()  # three hosts, budget 2
+    assert not over_budget(study, first.number, 2) and not over_budget(study, second.number, 2)
+    assert over_budget(study, third.number, 2)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # lost with its worker: retried
+    assert not over_budget(study, third.number, 2)
+
+    real, lied = loop.claimed_count, []
+
+    def stale(study: optuna.Study) -> int:  # one read taken before another host's claim
+        n = real(study)
+        if n >= 3 and not lied:
+            lied.append(n)
+            return n - 1
+        return n
+
+    monkeypatch.setattr(loop, "claimed_count", stale)
+    front = search("tests.tasks:tiny", budget="1ms", trials=3, out=tmp_path / "run",
+                   finetune_steps=5, tune_trials_per_task=0, startup_trials=2,
+                   sensitivity=False, progress=False)
+    assert lied  # the stale read happened, so a fourth trial was created
+    made = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    surplus = [t for t in made.trials if t.user_attrs.get("fail_reason", "").startswith(SURPLUS)]
+    assert len(surplus) == 1 and surplus[0].number == 3 and not surplus[0].params
+    assert surplus[0].state == optuna.trial.TrialState.FAIL
+    assert finished_count(made) == 3
+    assert not (tmp_path / "run" / "trials" / "0003").exists()  # nothing was evaluated
+    listed = json.loads((tmp_path / "run" / "front.json").read_text())["trials"]
+    assert listed["failed"] == [] and front.points

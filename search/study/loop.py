@@ -45,12 +45,14 @@ from search.study.layer_cost import measured_options
 from search.study.points import DUPLICATE_OF, POLICY
 from search.study.sensitivity import cached_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
+    SURPLUS,
     claimed_count,
     fail_interrupted,
     failed_for_real,
     finished_count,
     has_baseline,
     open_study,
+    over_budget,
 )
 
 
@@ -123,6 +125,9 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             raise InternalError(trial.number, exc, log) from exc
 
     def evaluate_trial(trial: optuna.Trial) -> tuple[float, float, int]:
+        if over_budget(trial.study, trial.number, evaluator.config.trials):
+            raise TrialFailed(f"{SURPLUS}: the study's {evaluator.config.trials} trials were "
+                              "claimed by other workers first; nothing was evaluated")
         policy = suggest_policy(trial, space, knobs)
         trial.set_user_attr(POLICY, policy.to_dict())  # the study alone rebuilds the point
         trial.set_user_attr(WORKER, worker_name())
@@ -343,7 +348,8 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
 class _QuietFailures(logging.Filter):
     """Optuna logs every failed trial with its traceback. A candidate's own failure
     (TrialFailed) keeps Optuna's one-line warning; the two warnings of a failure that stops the
-    run are dropped: the CLI says it in one line (a bug's traceback is in RUN/error.log)."""
+    run are dropped: the CLI says it in one line (a bug's traceback is in RUN/error.log), and
+    so are those of a surplus trial (see over_budget)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -351,7 +357,9 @@ class _QuietFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, InternalError | UserError):  # (the run stops; the CLI says why)
+        if isinstance(exc, InternalError | UserError) or \
+                (isinstance(exc, TrialFailed) and str(exc).startswith(SURPLUS)):
+            # (the run stops and the CLI says why; a surplus trial evaluated nothing)
             self.pending = f"Trial {record.getMessage().split()[1]} failed with value"
             return False
         if isinstance(exc, TrialFailed):

@@ -11,6 +11,7 @@ import optuna
 
 from search.backend.provenance import Provenance
 from search.compress.policy import Policy
+from search.study.storage import SURPLUS
 
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial that reused an earlier one's figures
 POLICY = "policy"  # user attr: the trial's whole policy (every layer, every knob)
@@ -88,4 +89,5 @@ def failures_of(study: optuna.Study) -> list[dict[str, Any]]:
              "reason": t.user_attrs.get("fail_reason", "its worker stopped (no heartbeat); "
                                                         "retried as a new trial")}
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,
-                                                              optuna.trial.TrialState.PRUNED))]
+                                                              optuna.trial.TrialState.PRUNED))
+            if not t.user_attrs.get("fail_reason", "").startswith(SURPLUS)]

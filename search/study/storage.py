@@ -80,27 +80,40 @@ def fail_interrupted(study: optuna.Study) -> int:
     return n
 
 
+SURPLUS = "surplus"  # fail_reason prefix of a trial that gave itself up (see over_budget)
+
+
 def failed_for_real(t: optuna.trial.FrozenTrial) -> bool:
     """A FAIL trial that was the candidate's fault. Not: interrupted, lost with a dead worker
-    (no reason), or stopped by a bug in our code (`internal error: ...`): a resumed run
-    evaluates those again."""
+    (no reason), stopped by a bug in our code (`internal error: ...`): a resumed run
+    evaluates those again; nor a surplus trial, which evaluated nothing."""
     reason = t.user_attrs.get("fail_reason", "interrupted")
     return t.state == optuna.trial.TrialState.FAIL and reason != "interrupted" \
-        and not reason.startswith("internal error")
+        and not reason.startswith(("internal error", SURPLUS))
+
+
+def counts(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts against the trial budget: running, complete, stopped early, or
+    failed for a real reason."""
+    return t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
+                       optuna.trial.TrialState.PRUNED) or failed_for_real(t)
+
+
+def over_budget(study: optuna.Study, number: int, trials: int) -> bool:
+    """Whether the trial budget was already claimed before trial `number` was: the atomic half
+    of the budget check. Workers on several hosts check `claimed_count` and then create a
+    trial, so two may go ahead at once; the storage numbers trials in the order it creates
+    them (each one RUNNING from the start), so counting the claimed trials numbered below
+    this one decides which of the two is surplus, the same way on every host."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and counts(t)) >= trials
 
 
 def finished_count(study: optuna.Study) -> int:
     """Trials that count against the trial budget: complete, stopped early, or failed for a
     real reason (failed_for_real)."""
-    done = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            done += 1
-        elif t.state == optuna.trial.TrialState.PRUNED:  # stopped early (search.study.early_stop)
-            done += 1
-        elif failed_for_real(t):
-            done += 1
-    return done
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if counts(t) and t.state != optuna.trial.TrialState.RUNNING)
 
 
 def claimed_count(study: optuna.Study) -> int:
