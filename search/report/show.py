@@ -25,8 +25,8 @@ from torch import nn
 
 from search.backend.provenance import Provenance
 from search.compress.policy import LayerPolicy, Policy
-from search.core.data import as_inputs
 from search.core.errors import TrialFailed, UserError
+from search.core.hooks import layer_inputs
 from search.report.compare import load_front
 
 LAYERS_FORMAT = 1  # layers.json
@@ -95,26 +95,6 @@ def _params(module: nn.Module) -> int:
     from search.compress.size import layer_params
 
     return layer_params(module)
-
-
-def _inputs(model: nn.Module, names: Sequence[str], example: torch.Tensor
-            ) -> dict[str, torch.Tensor]:
-    """Each named layer's real input in one forward pass of the model (first call only)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def capture(name: str) -> Any:
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            seen.setdefault(name, inp[0].detach().clone())
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(capture(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(*as_inputs(example))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def _time_layer(module: nn.Module, x: torch.Tensor, compiler: Any, target: Any,
@@ -271,7 +251,7 @@ def _measure(original: nn.Module, model: nn.Module, policy: Policy, rows: list[L
     # of its kernels may be missing there and run untuned; its source says so.
     compiler = Compiler(target, tuning_dir(target), trials_per_task=0)
     names = [row.name for row in rows]
-    x_before, x_after = _inputs(original, names, example), _inputs(model, names, example)
+    x_before, x_after = layer_inputs(original, names, example), layer_inputs(model, names, example)
     out: dict[str, dict[str, LayerTiming | None]] = {}
     # each layer compiles twice (before, after): minutes on a large model, so a bar says where
     bar = tqdm(rows, desc="timing layers", unit="layer", leave=False,

@@ -41,7 +41,7 @@ from search.compress.knob import REGISTRY
 from search.compress.lowrank import factorized_rank
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import LayerSpace
-from search.core.data import as_inputs
+from search.core.hooks import watch
 from search.study.sensitivity import Sensitivity
 
 # NOTE: relative time per multiply-add by weight precision (an estimate): measured on this host's
@@ -63,20 +63,13 @@ class Allocation:
 
 def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, int]:
     """Output positions per call of each layer (H x W for a conv, rows for a Linear)."""
-    modules = dict(model.named_modules())
     out: dict[str, int] = {}
-    hooks = []
-    for name in names:
-        def hook(_m: nn.Module, _a: Any, y: torch.Tensor, name: str = name) -> None:
-            out[name] = out.get(name, 0) + int(y[0, 0].numel() if y.dim() == 4
-                                               else y.numel() // y.shape[-1])
-        hooks.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(*as_inputs(example))
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def count(name: str, _args: tuple[Any, ...], y: torch.Tensor) -> None:
+        out[name] = out.get(name, 0) + int(y[0, 0].numel() if y.dim() == 4
+                                           else y.numel() // y.shape[-1])
+
+    watch(model, example, names, count, outputs=True)
     return out
 
 

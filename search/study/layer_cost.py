@@ -28,34 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import nn
-
 from search.backend.latency_table import LatencyTable, LayerOp, layer_ops
 from search.compress.build import build
 from search.compress.knob import REGISTRY
 from search.compress.policy import LayerPolicy, Policy
-from search.core.data import as_inputs
+from search.core.hooks import layer_inputs
 from search.core.task import Task
 from search.study.allocate import Options
-
-
-def layer_inputs(model: nn.Module, example: Any, names: list[str]) -> dict[str, torch.Tensor]:
-    """The first input each named layer gets on one run of `example`."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in names:
-        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            seen.setdefault(name, args[0].detach())
-        hooks.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(*as_inputs(example))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def option_ops(task: Task, knobs: list[str], options: Options, int8_kind: str
