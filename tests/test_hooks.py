@@ -14,24 +14,25 @@ class Twice(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.first = nn.Conv2d(3, 3, 1)
         self.conv = nn.Conv2d(3, 3, 1)
         self.bn = nn.BatchNorm2d(3).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+        y = self.first(x)
         z = self.conv(y)
-        y.add_(1.0)  # in place, after the second call saw y
-        return self.bn(z + y)
+        y.add_(1.0)  # in place, after conv saw y
+        return self.bn(self.conv(z) + y)
 
 
 def test_layer_inputs_are_the_first_call_as_the_layer_saw_it():
     model, x = Twice().train(), torch.randn(1, 3, 4, 4)
     seen = layer_inputs(model, x, ["conv", "bn"])
-    assert torch.equal(seen["conv"], x)  # the first of two calls
     with torch.no_grad():
-        z = model.conv(model.conv(x))
-        y = model.conv(x)
-    assert torch.allclose(seen["bn"], z + y + 1.0)
+        y = model.first(x)
+        z = model.conv(y)
+    assert torch.equal(seen["conv"], y)  # its first call's input, before the in-place add
+    assert torch.allclose(seen["bn"], model.conv(z) + y + 1.0)
 
 
 def test_every_call_is_seen_and_modes_and_hooks_are_restored():
