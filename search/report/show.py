@@ -251,7 +251,7 @@ def _measure(original: nn.Module, model: nn.Module, policy: Policy, rows: list[L
     # of its kernels may be missing there and run untuned; its source says so.
     compiler = Compiler(target, tuning_dir(target), trials_per_task=0)
     names = [row.name for row in rows]
-    x_before, x_after = layer_inputs(original, names, example), layer_inputs(model, names, example)
+    x_before, x_after = layer_inputs(original, example, names), layer_inputs(model, example, names)
     out: dict[str, dict[str, LayerTiming | None]] = {}
     # each layer compiles twice (before, after): minutes on a large model, so a bar says where
     bar = tqdm(rows, desc="timing layers", unit="layer", leave=False,
