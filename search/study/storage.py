@@ -118,8 +118,7 @@ def finished_count(study: optuna.Study) -> int:
 
 def claimed_count(study: optuna.Study) -> int:
     """Finished trials plus those running now (on any worker)."""
-    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-    return finished_count(study) + running
+    return sum(1 for t in study.get_trials(deepcopy=False) if counts(t))
 
 
 def has_baseline(study: optuna.Study) -> bool:
