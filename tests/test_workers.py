@@ -379,3 +379,39 @@ def test_a_trial_created_past_the_budget_gives_itself_up(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "trials" / "0003").exists()  # nothing was evaluated
     listed = json.loads((tmp_path / "run" / "front.json").read_text())["trials"]
     assert listed["failed"] == [] and front.points
+
+
+def test_two_local_workers_cannot_both_take_one_waiting_trial(tmp_path, monkeypatch):
+    """On SQLite, Optuna's read-then-write hand-over of a waiting (seed) trial is serialized
+    (BEGIN IMMEDIATE): of two workers that read it at the same moment, one gets it and the
+    other is told it is taken. Without it both ran the same trial (optuna/optuna#4002)."""
+    import threading
+    import time
+
+    from optuna.storages._rdb import models
+
+    from search.study.storage import open_storage, open_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = open_study(url, "s", 0, 1, create=True)
+    study.enqueue_trial({})
+    trial_id = study.trials[0]._trial_id
+    read = models.TrialModel.find_or_raise_by_id
+
+    def slow_read(*args, **kwargs):  # both workers read the state before either writes
+        found = read(*args, **kwargs)
+        time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", staticmethod(slow_read))
+    storages = [open_storage(url), open_storage(url)]
+    got: list[bool] = []
+    threads = [threading.Thread(target=lambda s=s: got.append(
+        s.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)))
+        for s in storages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [False, True]
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING

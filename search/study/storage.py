@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
+import sqlalchemy
 
 from search.core.errors import UserError
 
@@ -27,13 +29,36 @@ def open_storage(url: str, heartbeat_s: int = 20, grace_s: int = 90
     """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9, a lost machine)
     is failed after `grace_s` without a heartbeat and enqueued again once
     (RetryHeartbeatStaleTrialCallback), by whichever worker next starts a trial."""
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    engine = {"connect_args": {"timeout": 60}} if sqlite else {}
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=1))
+    if sqlite:
+        serialize_sqlite(storage.engine)
+    return storage
+
+
+def serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """Make each SQLite transaction take the write lock at its start (BEGIN IMMEDIATE).
+    Optuna hands a waiting (seed) trial to a worker by reading its state `FOR UPDATE` and then
+    writing RUNNING; SQLite ignores FOR UPDATE and Python's sqlite3 begins a transaction only
+    at the write, so two local workers could both read WAITING and both run the trial
+    (optuna/optuna#4002). Serialized, the second one reads RUNNING and moves on. This is
+    SQLAlchemy's documented recipe for SQLite transactions; the cost is that transactions of
+    one run's workers (all short) wait for each other."""
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # (connections made while Optuna set the storage up start afresh)
 
 
 def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
