@@ -126,3 +126,47 @@ def test_output_tolerance_grows_with_the_layers_that_round_differently():
     mixed = output_tolerance(Policy({"a": LayerPolicy(bits=16, half="bf16"),
                                      "b": LayerPolicy(bits=8, rank=0.5)}))
     assert mixed == pytest.approx((0.1 ** 2 + 0.05 ** 2) ** 0.5)
+
+
+def test_a_conv_model_fine_tunes_in_channels_last_and_comes_back_contiguous():
+    """The fine-tune runs convolutions in channels-last memory (oneDNN's fast CPU path): the
+    model sees channels-last batches and weights during the steps, and its weights come back
+    in the usual layout, with a pruning mask and a fake quantizer still applied."""
+    from search.finetune.distill import (
+        FinetuneOptions,
+        Teacher,
+        attach_training_transforms,
+        distill,
+    )
+
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                         self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(Probe(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(8, 3)).eval()
+    data = (torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,)))
+    student = copy.deepcopy(teacher)
+    policy = Policy({"0.conv": LayerPolicy(prune=0.5, bits=8)})
+    student = restructure(student, policy, data[0][:1])
+    options = FinetuneOptions(steps=3)
+    attach_training_transforms(student, policy, options)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    seen.clear()
+    distill(student, Teacher(teacher, data), data, options, batch=8)
+    assert seen[-3:] == [(True, True)] * 3  # the three steps (eval passes may follow)
+    state = student.state_dict()
+    assert all(v.is_contiguous() for v in state.values())
+    assert any(not torch.equal(before[k], v) for k, v in state.items())  # it trained
+    mask = [v for k, v in state.items() if "mask" in k]
+    assert mask and all(torch.equal(before_v, v) for before_v, v in
+                        zip([before[k] for k in state if "mask" in k], mask, strict=True))

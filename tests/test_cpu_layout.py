@@ -40,3 +40,28 @@ def test_tanh_gelu_and_bn_relu6_convs_keep_their_outputs():
     assert "batch_norm" not in mod.script(show_meta=False)  # folded into the (biasless) conv
     with torch.no_grad():
         np.testing.assert_allclose(run(mod, x), model(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_are_folded_in_numpy_and_leave_tvm_nothing_to_fold():
+    """BatchNorm folding, the HWIO transposes and an int8 layer's widened weights are computed
+    in numpy (TVM's FoldConstant builds each with LLVM, and legalizes the whole graph to look
+    for them): what is left is a graph TVM's own folding would not change, and that computes
+    what the model does."""
+    from tvm import ir, relax
+
+    from search.backend.layout import fold_constants
+    from search.compress.int8 import ActQuant, Int8Conv2d
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), Int8Conv2d(nn.Conv2d(8, 16, 1), ActQuant(0.05, 0))).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 3, 10, 10)
+    imported = to_relax(model, x)
+    assert "R.astype(metadata" in imported.script(show_meta=False)  # int8 weight, widened
+    for mod in (fold_constants(imported), cpu_layout(imported)):
+        ir.assert_structural_equal(relax.transform.FoldConstant()(mod), mod)
+        assert "R.astype(metadata" not in mod.script(show_meta=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(cpu_layout(imported), x), model(x).numpy(), atol=1e-4,
+                                   rtol=1e-4)

@@ -80,12 +80,23 @@ def fold_constants(mod: Any) -> Any:
 
     @mutator
     class Fold(PyExprMutator):
+        def visit_var_(self, var: Any) -> Any:  # a var bound to a constant: the constant
+            new = super().visit_var_(var)
+            bound = self.lookup_binding(new) if isinstance(new, relax.Var) else None
+            return bound if isinstance(bound, tvm.ir.expr.Constant) else new
+
+        def visit_dataflow_var_(self, var: Any) -> Any:
+            new = super().visit_dataflow_var_(var)
+            bound = self.lookup_binding(new) if isinstance(new, relax.Var) else None
+            return bound if isinstance(bound, tvm.ir.expr.Constant) else new
+
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if not isinstance(call.op, tvm.ir.Op):
                 return call
             name = call.op.name
-            if name not in _NUMPY_OPS and name not in ("relax.reshape", "relax.permute_dims"):
+            if name not in _NUMPY_OPS and name not in ("relax.reshape", "relax.permute_dims",
+                                                       "relax.astype"):
                 return call
             data = value(call.args[0], self)
             if not isinstance(data, np.ndarray):
@@ -95,6 +106,11 @@ def fold_constants(mod: Any) -> Any:
                 if not isinstance(call.args[1], relax.ShapeExpr):
                     return call
                 out = data.reshape([int(v) for v in call.args[1].values])
+            elif name == "relax.astype":
+                dtype = np.dtype(str(call.attrs.dtype))
+                if not _exact_cast(data.dtype, dtype):
+                    return call
+                out = data.astype(dtype)
             elif name == "relax.permute_dims":
                 axes = call.attrs.axes
                 out = np.transpose(data, None if axes is None else [int(a) for a in axes])
@@ -111,7 +127,38 @@ def fold_constants(mod: Any) -> Any:
         if isinstance(func, relax.Function):
             fold.builder_.update_func(gv, fold.visit_expr(func))
     mod = relax.transform.DeadCodeElimination()(fold.builder_.get())
-    return relax.transform.FoldConstant()(mod)
+    # FoldConstant legalizes every op of the graph to look for constant ones (0.5 s on the
+    # default task even when none is left): run only when one is
+    return relax.transform.FoldConstant()(mod) if _constant_calls(mod) else mod
+
+
+def _exact_cast(source: np.dtype, dest: np.dtype) -> bool:
+    """Casts numpy computes exactly as TVM does: widening ones (int8 weights to float32, the
+    int8 layers' form before search.backend.int8 narrows them again; float16 to float32)."""
+    return np.can_cast(source, dest, casting="safe") and dest.kind in "fiu"
+
+
+def _constant_calls(mod: Any) -> int:
+    """Calls of the module's Relax functions whose tensor arguments are all constants."""
+    import tvm
+    from tvm import relax
+
+    count = 0
+
+    def visit(expr: Any) -> None:
+        nonlocal count
+        if not isinstance(expr, relax.Call):
+            return
+        args = [a for arg in expr.args
+                for a in (arg.fields if isinstance(arg, relax.Tuple) else [arg])]
+        if not any(isinstance(a, relax.Var) for a in args) and \
+                any(isinstance(a, tvm.ir.expr.Constant) for a in args):
+            count += 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return count
 
 
 def _rewrite_calls(mod: Any, op_name: str, rewrite: Any) -> Any:
