@@ -80,15 +80,15 @@ def fold_constants(mod: Any) -> Any:
 
     @mutator
     class Fold(PyExprMutator):
-        def visit_var_(self, var: Any) -> Any:  # a var bound to a constant: the constant
-            new = super().visit_var_(var)
+        def _inlined(self, new: Any) -> Any:  # a var bound to a constant: the constant
             bound = self.lookup_binding(new) if isinstance(new, relax.Var) else None
             return bound if isinstance(bound, tvm.ir.expr.Constant) else new
 
+        def visit_var_(self, var: Any) -> Any:
+            return self._inlined(super().visit_var_(var))
+
         def visit_dataflow_var_(self, var: Any) -> Any:
-            new = super().visit_dataflow_var_(var)
-            bound = self.lookup_binding(new) if isinstance(new, relax.Var) else None
-            return bound if isinstance(bound, tvm.ir.expr.Constant) else new
+            return self._inlined(super().visit_dataflow_var_(var))
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
