@@ -148,7 +148,8 @@ def channels_last(model: nn.Module) -> Iterator[Callable[[Inputs], Inputs]]:
 
 
 def _step(student: nn.Module, teacher: Teacher, b: Batch,
-          layout: Callable[[Any], Any], opt: torch.optim.Optimizer, options: FinetuneOptions,
+          layout: Callable[[Inputs], Inputs], opt: torch.optim.Optimizer,
+          options: FinetuneOptions,
           loss_fn: Loss, temperature: float, penalized: list[nn.Parameter] | None,
           step: int) -> None:
     alpha = options.alpha
