@@ -317,7 +317,8 @@ def test_a_policy_proposed_again_reuses_its_figures_and_is_listed_once(tmp_path)
 def test_a_promising_candidate_is_fine_tuned_longer_and_says_so(tmp_path):
     out = tmp_path / "r"
     run_tiny(out, budget_ms=1e6, trials=3, seeds=[{}, {"bits": 8}, {"rank": 0.25}],
-             sensitivity=False, recover_steps=7, recover_margin=1.0)  # every one is promising
+             sensitivity=False, recover_steps=7, recover_margin=1.0,
+             recover_one_in=1)  # every one is promising
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
     base, *compressed = study.trials
     assert base.user_attrs["recovered_steps"] == 0  # the uncompressed model is not fine-tuned
@@ -330,6 +331,41 @@ def test_a_promising_candidate_is_fine_tuned_longer_and_says_so(tmp_path):
              recover_steps=7)  # nothing within the budget: nothing earns more steps
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{strict / 'study.db'}")
     assert all(t.user_attrs["recovered_steps"] == 0 for t in study.trials)
+
+
+def test_only_the_best_one_in_eta_in_budget_candidates_earn_recovery_steps():
+    """Successive halving's promotion: with a budget every candidate meets, a candidate earns
+    the extra steps only if its short-run accuracy ranks among the best 1 in `one_in` of the
+    in-budget compressed candidates finished so far (itself counted); the uncompressed
+    baseline, over-budget points and recovered figures do not set the bar."""
+    from search.study.loop import promising_in
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+
+    def finished(short: float, latency: float, final: float | None = None, **extra) -> None:
+        attrs = {"val_accuracy": short if final is None else final, "latency_ms": latency,
+                 "size_bytes": 100, "short_val_accuracy": None if final is None else short,
+                 **extra}
+        study.add_trial(optuna.trial.create_trial(
+            values=[attrs["val_accuracy"], latency, 100], user_attrs=attrs))
+
+    finished(0.99, 2.0, uncompressed=True)  # the baseline: over the budget, and not a rival
+    finished(0.70, 0.5, final=0.95)  # recovered: ranked by its short-run 0.70
+    finished(0.60, 0.5)
+    finished(0.99, 1.5)  # over the budget: not a rival
+    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 2 rivals, 3 counted: top 1
+    assert rule(0.71, 0.9, 200)  # a new best
+    assert not rule(0.65, 0.9, 200)  # second of three
+    assert not rule(0.90, 1.1, 200)  # over the budget
+    finished(0.50, 0.5)
+    finished(0.40, 0.5)
+    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 4 rivals, 5 counted: top 1
+    assert not rule(0.65, 0.9, 200)
+    finished(0.30, 0.5)
+    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 5 rivals, 6 counted: top 2
+    assert rule(0.65, 0.9, 200) and not rule(0.55, 0.9, 200)
+    assert promising_in(study, budget_ms=1.0, margin=1.0, one_in=1)(0.1, 0.9, 200)  # all
+    assert not promising_in(study, budget_ms=1.0, margin=0.02, one_in=1)(0.1, 0.6, 100)  # dominated
 
 
 def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path):

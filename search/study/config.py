@@ -26,8 +26,10 @@ class SearchConfig:
     trials: int = 16  # candidates evaluated (the seeds below count)
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
-    recover_steps: int = 120  # more steps for a promising candidate: feasible and within
-    recover_margin: float = 0.02  # this much validation accuracy of the front (0 steps: off)
+    recover_steps: int = 120  # more steps for a promising candidate (0: off): within the
+    recover_margin: float = 0.02  # budget, no finished point as fast and as small this far ahead,
+    recover_one_in: int = 3  # and by short-run accuracy among the best 1 in this many of the
+    # in-budget candidates finished so far, itself counted (successive halving's eta; 1: all)
     distill_alpha: float = 0.7  # weight of distillation from the uncompressed model; 0: labels
     qat: bool = True  # fine-tune through the weight quantizer (straight-through estimator)
     dropconnect: float = 0.0  # fine-tune with DropConnect at this rate
@@ -113,7 +115,7 @@ class SearchConfig:
     def _check_ranges(self, where: str) -> None:
         # NOTE: finetune_steps 0 is allowed: candidates scored as compressed, no fine-tune
         for key, low in (("trials", 1), ("finetune_steps", 0), ("tune_trials_per_task", 0),
-                         ("recover_steps", 0), ("recover_margin", 0),
+                         ("recover_steps", 0), ("recover_margin", 0), ("recover_one_in", 1),
                          ("startup_trials", 0), ("seed", 0), ("heartbeat_s", 1)):
             if getattr(self, key) < low:
                 raise UserError(f"{where}: {key} must be at least {low}; got "

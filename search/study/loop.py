@@ -143,7 +143,8 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
         result, model = evaluator(policy, progress, hopeless, curve,
                                   promising_in(trial.study, budget_ms,
-                                               evaluator.config.recover_margin))
+                                               evaluator.config.recover_margin,
+                                               evaluator.config.recover_one_in))
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
             if evaluator.trainable is not None:  # for a longer fine-tune later
@@ -195,11 +196,14 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
     return objective
 
 
-def promising_in(study: optuna.Study, budget_ms: float, margin: float
+def promising_in(study: optuna.Study, budget_ms: float, margin: float, one_in: int = 1
                  ) -> Callable[[float, float, int], bool]:
-    """The rule for a longer fine-tune: within the budget, and no finished trial at least as
-    fast and as small is `margin` or more ahead on validation accuracy, each compared after
-    the short fine-tune (the rank all candidates had)."""
+    """The rule for a longer fine-tune, each figure compared after the short fine-tune (the
+    rank all candidates had): within the budget; no finished trial at least as fast and as
+    small is `margin` or more ahead on validation accuracy; and the accuracy is among the best
+    `one_in`-th (at least the best one, so a new best always qualifies) of the in-budget
+    compressed candidates finished so far, itself counted: successive halving's promotion of
+    the top 1/eta, so with a loose budget about a third, not most, pay for the extra steps."""
     done = [t.user_attrs for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if DUPLICATE_OF not in t.user_attrs and "latency_ms" in t.user_attrs]
@@ -208,10 +212,16 @@ def promising_in(study: optuna.Study, budget_ms: float, margin: float
         value = a.get("short_val_accuracy")
         return a["val_accuracy"] if value is None else value
 
+    rivals = [short(a) for a in done
+              if a["latency_ms"] <= budget_ms and not a.get("uncompressed")]
+
     def rule(val_accuracy: float, latency_ms: float, size_bytes: int) -> bool:
-        return latency_ms <= budget_ms and not any(
-            a["latency_ms"] <= latency_ms and a["size_bytes"] <= size_bytes
-            and short(a) >= val_accuracy + margin for a in done)
+        if latency_ms > budget_ms or any(
+                a["latency_ms"] <= latency_ms and a["size_bytes"] <= size_bytes
+                and short(a) >= val_accuracy + margin for a in done):
+            return False
+        ahead = sum(1 for r in rivals if r > val_accuracy)
+        return ahead < max(1, (len(rivals) + 1) // one_in)
 
     return rule
 
