@@ -106,6 +106,40 @@ def test_a_clearly_smaller_layer_measures_faster(untuned):
     assert times[1] < times[0] / 2
 
 
+def test_interleaved_timing_compares_the_fastest_rounds_of_candidate_and_anchor(
+        untuned, monkeypatch):
+    """A neighbour slowing the anchor in some rounds (and the candidate in others) must not
+    move the figure: it is the candidate's fastest round over the anchor's fastest round,
+    over `rounds` alternating rounds, with the candidate's quartiles in that unit."""
+    import search.backend.measure as measure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ref = model(x)
+    compiled = untuned.compile(to_relax(model, x))
+    candidate = iter([0.6, 2.0, 0.5, 0.7, 0.9, 3.0])  # ms per round, disturbed at random
+    anchor = iter([3.0, 1.0, 9.0, 1.2, 1.1, 1.0])
+    calls = []
+
+    def fake_timer(vm, dev, settings, xs):
+        rounds = candidate if not calls else anchor
+        calls.append(settings)
+        return lambda: next(rounds)
+
+    monkeypatch.setattr(measure, "_timer", fake_timer)
+    settings = Measurement(number=1, repeat=2, min_repeat_ms=0, rounds=6)
+    latency = measure.run_and_time(compiled.executable, x, ref, settings, atol=1e-3,
+                                   anchor=measure.Anchor(compiled.executable, x))
+    assert latency.repeats == 6 and len(calls) == 2  # `rounds` of each, not `repeat`
+    assert latency.ratio == pytest.approx(0.5 / 1.0) and latency.anchor_ms == 1.0
+    assert latency.ratio <= latency.ratio_p25 <= latency.ratio_p75
+    assert latency.ratio_p25 == pytest.approx(np.percentile([0.6, 2.0, 0.5, 0.7, 0.9, 3.0], 25))
+    scaled = latency.scaled(2.0)
+    assert scaled.median_ms == pytest.approx(1.0) and scaled.raw_ms == latency.median_ms
+
+
 def test_output_mismatch_fails_the_trial(tiny_task, untuned):
     compiled = untuned.compile(to_relax(tiny_task.model, tiny_task.example))
     wrong = torch.zeros(1, 10)

@@ -23,6 +23,8 @@ class Measurement:
     repeat: int = 7  # repeats: the median and spread are over these
     min_repeat_ms: int = 50  # a repeat lasts at least this long (number grows to fit)
     cooldown_ms: int = 0  # pause between repeats (thermal throttling on small boards)
+    rounds: int = 35  # interleaved with the uncompressed model: repeats of each, alternating;
+    # the fastest of each are compared (a shared machine's least-disturbed rounds)
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,8 @@ def parse_target(path: Path) -> TargetSpec:
                         f"{data.get('tvm_target')!r}")
     spec = TargetSpec(measurement=Measurement(**timing), granularity=Granularity(**grain), **data)
     m = spec.measurement
-    if spec.threads < 1 or m.number < 1 or m.repeat < 1 or m.min_repeat_ms < 0 \
-            or m.cooldown_ms < 0:
-        raise UserError(f"{where}: need threads, measurement.number and measurement.repeat "
-                        f">= 1, min_repeat_ms and cooldown_ms >= 0")
+    if spec.threads < 1 or m.number < 1 or m.repeat < 1 or m.rounds < 1 \
+            or m.min_repeat_ms < 0 or m.cooldown_ms < 0:
+        raise UserError(f"{where}: need threads, measurement.number, measurement.repeat and "
+                        f"measurement.rounds >= 1, min_repeat_ms and cooldown_ms >= 0")
     return spec

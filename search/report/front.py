@@ -170,8 +170,11 @@ def table(data: dict) -> str:
                      f"compiled {base['latency_ms']:.3f} ms ({ort_ms / base['latency_ms']:.2f}x "
                      f"ONNX Runtime's speed)")
     lines.append("ok: within the latency budget. test %: accuracy on the test split, which "
-                 "chose nothing (the front is chosen on validation). Latency: median of timed "
-                 "repeats of the TVM-compiled model; size: the weight bytes of the compiled "
+                 "chose nothing (the front is chosen on validation). Latency: of the "
+                 "TVM-compiled model, timed; interleaved with the uncompressed model (the "
+                 "label's `ratio to uncompressed`), its fastest round over the uncompressed "
+                 "model's, times the reference, with the quartiles of its rounds; alone, the "
+                 "median of its repeats; size: the weight bytes of the compiled "
                  "library, measured from it (what `search export` writes); ideal (est.): an "
                  "ESTIMATE of the weights in formats counted but not written (sparse + Huffman, "
                  "codebooks, packed sub-8-bit).")

@@ -46,7 +46,7 @@ class SearchConfig:
     heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
     startup_trials: int = 6  # trials before TPE models the space (the seeds count)
     interleave: bool = True  # time each candidate round by round with the uncompressed model
-    # and report the median ratio x the study's reference latency (processes agree)
+    # and report fastest round / its fastest round x the study's reference (processes agree)
     latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: from
     # the per-layer latency table while searching (search.backend.latency_table); front points
     # are measured whole

@@ -1,0 +1,185 @@
+"""Which latency estimator makes separate processes agree? Per-round samples, several readings.
+
+    SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_estimators.py \
+        [--task search.tasks:mobilenet_v2] [--loads 0,0,0,1] [--out /tmp/bench-estimators.json]
+
+Each entry of `--loads` is one fresh process, run one after another, with that many CPU hogs
+beside it. Each process compiles from the target's tuning database as it is (nothing tuned)
+the uncompressed model twice (the anchor, and a twin: an identical model whose ratio to the
+anchor should be 1), a uniform 25 % channel cut and one random policy, then times each against
+the anchor in two ways, keeping every round:
+
+- blocks: the evaluator's rounds as a trial times them (the target's `number` runs, at least
+  `min_repeat_ms` each), alternating anchor and candidate, 35 rounds;
+- short blocks: the same with `min_repeat_ms` 20, 35 rounds;
+- single runs: one run of each, alternating, 300 rounds.
+
+The parent then reads each candidate's latency relative to the anchor with several estimators
+(the median per-round ratio over the first 7 rounds: what a trial reports; over all rounds;
+min over min) and prints, per estimator, the spread over processes ((max - min) / median).
+Models are not fine-tuned: latency does not depend on weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HOG = "while True: pass"
+BLOCK_ROUNDS, SINGLE_ROUNDS = 35, 300
+
+
+def child(task_name: str, seed: int) -> dict:
+    import torch
+    import tvm
+    from tvm import relax
+
+    from search.backend.compile import Compiler
+    from search.backend.measure import compile_and_time
+    from search.compress.build import build, output_tolerance
+    from search.compress.policy import LayerPolicy, Policy
+    from search.compress.space import derive_space, uniform
+    from search.core.data import as_inputs
+    from search.core.task import load_task
+    from search.devices.target import load_target
+    from search.study.config import SearchConfig
+    from search.study.runfolder import tuning_dir
+
+    torch.set_num_threads(1)
+    config = SearchConfig()
+    task = load_task(task_name)
+    spec = load_target("host")
+    compiler = Compiler(spec, tuning_dir(spec), trials_per_task=0)  # the library as it is
+    x = task.example
+    space = derive_space(task.model, x, config.space_choices(), config.knobs)
+    rng = random.Random(seed)
+    sampled = Policy({ls.name: LayerPolicy(**{k: rng.choice(ls.choices(k))
+                                              for k in config.knobs}) for ls in space})
+    models = [("anchor", Policy()), ("twin", Policy()),
+              ("sparsity=0.25", uniform(space, sparsity=0.25)), (f"random-{seed}", sampled)]
+    dev = tvm.cpu()
+    xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(x)]
+    vms = {}
+    for name, policy in models:
+        model = build(task.model, policy, x, task.train)
+        timed = compile_and_time(model, x, compiler, spec, atol=output_tolerance(policy))
+        vms[name] = relax.VirtualMachine(timed.compiled.executable, dev)
+    m = spec.measurement
+
+    def timer(vm, number: int, min_repeat_ms: int):
+        ev = vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=min_repeat_ms)
+        ev(*xs)
+        return lambda: ev(*xs).mean * 1e3
+
+    rows = {}
+    anchor_block = timer(vms["anchor"], m.number, m.min_repeat_ms)
+    anchor_single = timer(vms["anchor"], 1, 0)
+    anchor_short = timer(vms["anchor"], m.number, 20)
+    for name in [n for n, _ in models[1:]]:
+        block, single = timer(vms[name], m.number, m.min_repeat_ms), timer(vms[name], 1, 0)
+        short = timer(vms[name], m.number, 20)
+        rows[name] = {"block": [], "block_anchor": [], "single": [], "single_anchor": [],
+                      "short": [], "short_anchor": []}
+        for _ in range(BLOCK_ROUNDS):
+            rows[name]["block_anchor"].append(anchor_block())
+            rows[name]["block"].append(block())
+        for _ in range(BLOCK_ROUNDS):
+            rows[name]["short_anchor"].append(anchor_short())
+            rows[name]["short"].append(short())
+        for _ in range(SINGLE_ROUNDS):
+            rows[name]["single_anchor"].append(anchor_single())
+            rows[name]["single"].append(single())
+    return rows
+
+
+ESTIMATORS = {
+    "blocks: median ratio, 7 rounds (a trial's figure)":
+        lambda r: float(np.median(np.array(r["block"][:7]) / r["block_anchor"][:7])),
+    "blocks: median ratio, 35 rounds":
+        lambda r: float(np.median(np.array(r["block"]) / r["block_anchor"])),
+    "blocks: min / min, 7 rounds": lambda r: min(r["block"][:7]) / min(r["block_anchor"][:7]),
+    "blocks: min / min, 35 rounds": lambda r: min(r["block"]) / min(r["block_anchor"]),
+    "blocks: min / min, 15 rounds": lambda r: min(r["block"][:15]) / min(r["block_anchor"][:15]),
+    "blocks: candidate min alone (raw ms), 35 rounds": lambda r: min(r["block"]),
+    "short blocks (20 ms): median ratio, 35 rounds":
+        lambda r: float(np.median(np.array(r["short"]) / r["short_anchor"])),
+    "short blocks (20 ms): min / min, 35 rounds":
+        lambda r: min(r["short"]) / min(r["short_anchor"]),
+    "single runs: median ratio, 300": lambda r: float(np.median(np.array(r["single"]) /
+                                                                r["single_anchor"])),
+    "single runs: median / median, 300": lambda r: float(np.median(r["single"]) /
+                                                          np.median(r["single_anchor"])),
+    "single runs: p10 / p10, 300": lambda r: float(np.percentile(r["single"], 10) /
+                                                    np.percentile(r["single_anchor"], 10)),
+    "single runs: min / min, 300": lambda r: min(r["single"]) / min(r["single_anchor"]),
+}
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="search.tasks:mobilenet_v2")
+    ap.add_argument("--loads", default="0,0,0,1",
+                    help="CPU hogs beside each process, comma separated (one process each)")
+    ap.add_argument("--seed", type=int, default=0, help="which random policy")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench-estimators.json"))
+    ap.add_argument("--read", type=Path, help="print the table of a saved --out file, timing nothing")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.task, args.seed)))
+        return
+    if args.read:
+        table(json.loads(args.read.read_text()))
+        return
+    runs = []
+    for i, hogs in enumerate(int(h) for h in args.loads.split(",")):
+        procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
+        try:
+            done = subprocess.run([sys.executable, __file__, "--child", "--task", args.task,
+                                   "--seed", str(args.seed)], capture_output=True, text=True,
+                                  check=True)
+        finally:
+            for p in procs:
+                p.kill()
+        runs.append({"process": i, "hogs": hogs,
+                     "rows": json.loads(done.stdout.strip().splitlines()[-1])})
+        print(f"process {i} ({hogs} hogs) done", flush=True)
+    args.out.write_text(json.dumps(runs, indent=1))
+    table(runs)
+
+
+def table(runs: list[dict]) -> None:
+    names = list(runs[0]["rows"])
+    idle = [r for r in runs if r["hogs"] == 0]
+    print(f"\n{'estimator':<56}" + "".join(f"{n:>28}" for n in names))
+    for label, f in ESTIMATORS.items():
+        if any(k not in runs[0]["rows"][names[0]] for k in ("short", "single")) and \
+                "short" in label and "short" not in runs[0]["rows"][names[0]]:
+            continue  # a file from before that mode
+        cells = []
+        for n in names:
+            every = [f(r["rows"][n]) for r in runs]
+            quiet = [f(r["rows"][n]) for r in idle]
+            cells.append(f"{statistics.median(every):.3f} {spread(quiet):5.1%} "
+                         f"{spread(every):5.1%}")
+        print(f"{label:<56}" + "".join(f"{c:>28}" for c in cells))
+    print("(each cell: median over processes, spread over the idle ones, spread over all)")
+
+
+if __name__ == "__main__":
+    main()
