@@ -15,8 +15,8 @@ the anchor in two ways, keeping every round:
 - single runs: one run of each, alternating, 300 rounds.
 
 The parent then reads each candidate's latency relative to the anchor with several estimators
-(the median per-round ratio over the first 7 rounds: what a trial reports; over all rounds;
-min over min) and prints, per estimator, the spread over processes ((max - min) / median).
+(the median per-round ratio over the first 7 rounds: what a trial reported until
+bench/RESULTS.md 13.18; over all rounds; the fastest over the fastest, what it reports now) and prints, per estimator, the spread over processes ((max - min) / median).
 Models are not fine-tuned: latency does not depend on weight values.
 """
 
@@ -104,12 +104,12 @@ def child(task_name: str, seed: int) -> dict:
 
 
 ESTIMATORS = {
-    "blocks: median ratio, 7 rounds (a trial's figure)":
+    "blocks: median ratio, 7 rounds (a trial's, until 13.18)":
         lambda r: float(np.median(np.array(r["block"][:7]) / r["block_anchor"][:7])),
     "blocks: median ratio, 35 rounds":
         lambda r: float(np.median(np.array(r["block"]) / r["block_anchor"])),
     "blocks: min / min, 7 rounds": lambda r: min(r["block"][:7]) / min(r["block_anchor"][:7]),
-    "blocks: min / min, 35 rounds": lambda r: min(r["block"]) / min(r["block_anchor"]),
+    "blocks: min / min, 35 rounds (a trial's now)": lambda r: min(r["block"]) / min(r["block_anchor"]),
     "blocks: min / min, 15 rounds": lambda r: min(r["block"][:15]) / min(r["block_anchor"][:15]),
     "blocks: candidate min alone (raw ms), 35 rounds": lambda r: min(r["block"]),
     "short blocks (20 ms): median ratio, 35 rounds":
@@ -137,7 +137,8 @@ def main() -> None:
                     help="CPU hogs beside each process, comma separated (one process each)")
     ap.add_argument("--seed", type=int, default=0, help="which random policy")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-estimators.json"))
-    ap.add_argument("--read", type=Path, help="print the table of a saved --out file, timing nothing")
+    ap.add_argument("--read", type=Path,
+                    help="print the table of a saved --out file, timing nothing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -168,9 +169,8 @@ def table(runs: list[dict]) -> None:
     idle = [r for r in runs if r["hogs"] == 0]
     print(f"\n{'estimator':<56}" + "".join(f"{n:>28}" for n in names))
     for label, f in ESTIMATORS.items():
-        if any(k not in runs[0]["rows"][names[0]] for k in ("short", "single")) and \
-                "short" in label and "short" not in runs[0]["rows"][names[0]]:
-            continue  # a file from before that mode
+        if label.startswith("short") and "short" not in runs[0]["rows"][names[0]]:
+            continue  # a file saved before that mode was added
         cells = []
         for n in names:
             every = [f(r["rows"][n]) for r in runs]

@@ -7,7 +7,7 @@ search.study.layer_cost), each seed built and timed whole against the uncompress
 The default config's space, knobs and sensitivity table (seed 0: cached after a first run) and
 the target's tuning database (build the library first with `search tune`); seeds are timed
 untrained (latency does not depend on the weights), interleaved with the uncompressed model
-(the median per-round ratio, as a trial's figure). Printed: per cost and fraction, the summed
+(the fastest-round ratio, as a trial's figure). Printed: per cost and fraction, the summed
 sensitivity the program predicts, the cost fraction it solved for, and the latency measured
 (ratio to the uncompressed model); and what the measured costs took to time.
 """

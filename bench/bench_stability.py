@@ -8,7 +8,7 @@ Each entry of `--loads` is one fresh process, run one after another, with that m
 tuning database as it is (nothing tuned: run `search tune` first, or the kernels run untuned),
 the uncompressed model (the anchor), a uniform 25 % channel cut and one random policy from the
 default space, and times each candidate twice: alone (what `interleave: false` reports) and
-round by round with the anchor (the median per-round ratio, what `interleave: true` scales by
+round by round with the anchor (the fastest-round ratio, what `interleave: true` scales by
 the study's reference latency). Printed per process: the raw medians and the ratio; then, per
 candidate, the spread over processes ((max - min) / median) of each. Models are not fine-tuned:
 latency does not depend on weight values.

@@ -35,7 +35,7 @@ class Provenance:
     target: str
     tuning: str
     emulator: str | None = None  # the emulator, when method is "emulated"
-    # timed round by round against the uncompressed model: the figure is the median ratio
+    # timed round by round against the uncompressed model: the figure is the fastest-round ratio
     # times this reference latency of it (ms), the study's, measured once
     reference_ms: float | None = None
 
