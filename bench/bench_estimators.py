@@ -16,8 +16,9 @@ the anchor in two ways, keeping every round:
 
 The parent then reads each candidate's latency relative to the anchor with several estimators
 (the median per-round ratio over the first 7 rounds: what a trial reported until
-bench/RESULTS.md 13.18; over all rounds; the fastest over the fastest, what it reports now) and prints, per estimator, the spread over processes ((max - min) / median).
-Models are not fine-tuned: latency does not depend on weight values.
+bench/RESULTS.md 13.18; over all rounds; the fastest over the fastest, what it reports now)
+and prints, per estimator, the spread over processes ((max - min) / median). Models are not
+fine-tuned: latency does not depend on weight values.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ ESTIMATORS = {
     "blocks: median ratio, 35 rounds":
         lambda r: float(np.median(np.array(r["block"]) / r["block_anchor"])),
     "blocks: min / min, 7 rounds": lambda r: min(r["block"][:7]) / min(r["block_anchor"][:7]),
-    "blocks: min / min, 35 rounds (a trial's now)": lambda r: min(r["block"]) / min(r["block_anchor"]),
+    "blocks: min / min, 35 rounds (a trial's now)":
+        lambda r: min(r["block"]) / min(r["block_anchor"]),
     "blocks: min / min, 15 rounds": lambda r: min(r["block"][:15]) / min(r["block_anchor"][:15]),
     "blocks: candidate min alone (raw ms), 35 rounds": lambda r: min(r["block"]),
     "short blocks (20 ms): median ratio, 35 rounds":
