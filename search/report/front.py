@@ -166,9 +166,10 @@ def table(data: dict) -> str:
     ref = data.get("reference")
     if base and ref:
         ort_ms = ref["uncompressed_onnxruntime_fp32_ms"]
-        lines.append(f"reference: uncompressed under ONNX Runtime fp32 {ort_ms:.3f} ms; TVM "
-                     f"compiled {base['latency_ms']:.3f} ms ({ort_ms / base['latency_ms']:.2f}x "
-                     f"ONNX Runtime's speed)")
+        lines.append(f"reference: uncompressed under ONNX Runtime fp32 {ort_ms:.3f} ms (median "
+                     f"of its repeats, timed alone); TVM compiled {base['latency_ms']:.3f} ms "
+                     f"({ort_ms / base['latency_ms']:.2f}x ONNX Runtime's speed; the TVM figure "
+                     f"is as above, so the fastest round when interleaved)")
     lines.append("ok: within the latency budget. test %: accuracy on the test split, which "
                  "chose nothing (the front is chosen on validation). Latency: of the "
                  "TVM-compiled model, timed; interleaved with the uncompressed model (the "
