@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -42,33 +41,17 @@ BLOCK_ROUNDS, SINGLE_ROUNDS = 35, 300
 
 
 def child(task_name: str, seed: int) -> dict:
-    import torch
     import tvm
     from tvm import relax
 
-    from search.backend.compile import Compiler
+    from bench_stability import setup
     from search.backend.measure import compile_and_time
     from search.compress.build import build, output_tolerance
-    from search.compress.policy import LayerPolicy, Policy
-    from search.compress.space import derive_space, uniform
     from search.core.data import as_inputs
-    from search.core.task import load_task
-    from search.devices.target import load_target
-    from search.study.config import SearchConfig
-    from search.study.runfolder import tuning_dir
 
-    torch.set_num_threads(1)
-    config = SearchConfig()
-    task = load_task(task_name)
-    spec = load_target("host")
-    compiler = Compiler(spec, tuning_dir(spec), trials_per_task=0)  # the library as it is
+    task, spec, compiler, policies = setup(task_name, seed)
     x = task.example
-    space = derive_space(task.model, x, config.space_choices(), config.knobs)
-    rng = random.Random(seed)
-    sampled = Policy({ls.name: LayerPolicy(**{k: rng.choice(ls.choices(k))
-                                              for k in config.knobs}) for ls in space})
-    models = [("anchor", Policy()), ("twin", Policy()),
-              ("sparsity=0.25", uniform(space, sparsity=0.25)), (f"random-{seed}", sampled)]
+    models = [("anchor", policies[0][1]), ("twin", policies[0][1]), *policies[1:]]
     dev = tvm.cpu()
     xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(x)]
     vms = {}

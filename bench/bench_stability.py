@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 HOG = "while True: pass"
 
 
-def child(task_name: str, seed: int) -> dict:
-    """One process: compile the anchor and the candidates, time each alone and interleaved."""
+def setup(task_name: str, seed: int) -> tuple:
+    """What both stability benches time: the task, the host target, a compiler on its library
+    as it is (nothing tuned), and the uncompressed model, a uniform 25 % channel cut and one
+    random policy of the default space, by name."""
     import torch
 
     from search.backend.compile import Compiler
-    from search.backend.measure import compile_anchor, compile_and_time
-    from search.compress.build import build, output_tolerance
     from search.compress.policy import LayerPolicy, Policy
     from search.compress.space import derive_space, uniform
     from search.core.task import load_task
@@ -50,16 +50,25 @@ def child(task_name: str, seed: int) -> dict:
     task = load_task(task_name)
     spec = load_target("host")
     compiler = Compiler(spec, tuning_dir(spec), trials_per_task=0)  # the library as it is
-    x = task.example
-    space = derive_space(task.model, x, config.space_choices(), config.knobs)
+    space = derive_space(task.model, task.example, config.space_choices(), config.knobs)
     rng = random.Random(seed)
     sampled = Policy({ls.name: LayerPolicy(**{k: rng.choice(ls.choices(k))
                                               for k in config.knobs}) for ls in space})
+    policies = [("uncompressed", Policy()), ("sparsity=0.25", uniform(space, sparsity=0.25)),
+                (f"random-{seed}", sampled)]
+    return task, spec, compiler, policies
+
+
+def child(task_name: str, seed: int) -> dict:
+    """One process: compile the anchor and the candidates, time each alone and interleaved."""
+    from search.backend.measure import compile_anchor, compile_and_time
+    from search.compress.build import build, output_tolerance
+
+    task, spec, compiler, policies = setup(task_name, seed)
+    x = task.example
     anchor = compile_anchor(task.model, x, compiler, spec)
     rows = {}
-    for name, policy in [("uncompressed", Policy()),
-                         ("sparsity=0.25", uniform(space, sparsity=0.25)),
-                         (f"random-{seed}", sampled)]:
+    for name, policy in policies:
         model = build(task.model, policy, x, task.train)
         tol = output_tolerance(policy)
         alone = compile_and_time(model, x, compiler, spec, atol=tol)
