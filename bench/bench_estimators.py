@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +35,6 @@ import numpy as np
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HOG = "while True: pass"
 BLOCK_ROUNDS, SINGLE_ROUNDS = 35, 300
 
 
@@ -111,10 +109,6 @@ ESTIMATORS = {
 }
 
 
-def spread(values: list[float]) -> float:
-    return (max(values) - min(values)) / statistics.median(values)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="search.tasks:mobilenet_v2")
@@ -132,24 +126,19 @@ def main() -> None:
     if args.read:
         table(json.loads(args.read.read_text()))
         return
+    from bench_stability import processes
+
     runs = []
-    for i, hogs in enumerate(int(h) for h in args.loads.split(",")):
-        procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
-        try:
-            done = subprocess.run([sys.executable, __file__, "--child", "--task", args.task,
-                                   "--seed", str(args.seed)], capture_output=True, text=True,
-                                  check=True)
-        finally:
-            for p in procs:
-                p.kill()
-        runs.append({"process": i, "hogs": hogs,
-                     "rows": json.loads(done.stdout.strip().splitlines()[-1])})
+    for i, hogs, rows in processes(__file__, args.loads, args.task, args.seed):
+        runs.append({"process": i, "hogs": hogs, "rows": rows})
         print(f"process {i} ({hogs} hogs) done", flush=True)
     args.out.write_text(json.dumps(runs, indent=1))
     table(runs)
 
 
 def table(runs: list[dict]) -> None:
+    from bench_stability import spread
+
     names = list(runs[0]["rows"])
     idle = [r for r in runs if r["hogs"] == 0]
     print(f"\n{'estimator':<56}" + "".join(f"{n:>28}" for n in names))

@@ -23,6 +23,7 @@ import random
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -80,6 +81,21 @@ def child(task_name: str, seed: int) -> dict:
     return rows
 
 
+def processes(script: str, loads: str, task: str, seed: int) -> Iterator[tuple[int, int, dict]]:
+    """Run `script --child` once per entry of `loads` (comma-separated CPU hogs beside it), one
+    after another: (process number, hogs, the child's JSON result)."""
+    for i, hogs in enumerate(int(h) for h in loads.split(",")):
+        procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
+        try:
+            done = subprocess.run([sys.executable, script, "--child", "--task", task,
+                                   "--seed", str(seed)], capture_output=True, text=True,
+                                  check=True)
+        finally:
+            for p in procs:
+                p.kill()
+        yield i, hogs, json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
@@ -97,16 +113,7 @@ def main() -> None:
         print(json.dumps(child(args.task, args.seed)))
         return
     runs = []
-    for i, hogs in enumerate(int(h) for h in args.loads.split(",")):
-        procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
-        try:
-            done = subprocess.run([sys.executable, __file__, "--child", "--task", args.task,
-                                   "--seed", str(args.seed)], capture_output=True, text=True,
-                                  check=True)
-        finally:
-            for p in procs:
-                p.kill()
-        rows = json.loads(done.stdout.strip().splitlines()[-1])
+    for i, hogs, rows in processes(__file__, args.loads, args.task, args.seed):
         runs.append({"process": i, "hogs": hogs, "rows": rows})
         for name, r in rows.items():
             print(f"process {i} ({hogs} hogs) {name:>14}: alone {r['alone_ms']:7.3f} ms  "
