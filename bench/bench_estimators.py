@@ -40,9 +40,9 @@ BLOCK_ROUNDS, SINGLE_ROUNDS = 35, 300
 
 def child(task_name: str, seed: int) -> dict:
     import tvm
+    from bench_stability import setup
     from tvm import relax
 
-    from bench_stability import setup
     from search.backend.measure import compile_and_time
     from search.compress.build import build, output_tolerance
     from search.core.data import as_inputs

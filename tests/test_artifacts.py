@@ -38,7 +38,12 @@ def round_trip(store, tmp_path: Path) -> None:
     upload_late_trial_file(store, study, 0, made / "finetuned.pt")
     assert fetch_trial_file(study, store, 0, "finetuned.pt", back / "finetuned.pt") \
         .read_bytes() == b"longer"
-    drop_trial_files(study, store, 0, ("model.pt",))  # off the front: its weights go
+    (made / "late").mkdir()
+    (made / "late" / "model.pt").write_bytes(b"recovered")  # the front's recovery steps
+    upload_late_trial_file(store, study, 0, made / "late" / "model.pt")
+    assert fetch_trial_file(study, store, 0, "model.pt", back / "model.pt").read_bytes() == \
+        b"recovered"  # the newest of a name wins
+    drop_trial_files(study, store, 0, ("model.pt",))  # off the front: its weights go, all
     assert fetch_trial_file(study, store, 0, "model.pt", back / "gone.pt") is None
     assert fetch_trial_file(study, store, 0, "policy.yaml", back / "policy.yaml") is not None
     assert not list(back.glob("*.partial"))

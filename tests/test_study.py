@@ -314,58 +314,45 @@ def test_a_policy_proposed_again_reuses_its_figures_and_is_listed_once(tmp_path)
     assert [p["trial"] for p in data["points"]].count(3) == 0  # the front lists it once
 
 
-def test_a_promising_candidate_is_fine_tuned_longer_and_says_so(tmp_path):
+def test_front_points_within_the_budget_get_recovery_steps_after_the_search(tmp_path):
+    """Every candidate is ranked on its short fine-tune (what the sampler learns); once the
+    search is over, each compressed front point within the budget is fine-tuned
+    `recover_steps` more, the front reports those figures, and the weights a user loads and
+    exports are the recovered ones."""
+    from search.core.data import evaluate
+    from search.core.task import load_task
+    from search.study.recovery import recover_front
+    from search.study.runfolder import load_trial_model
+
     out = tmp_path / "r"
-    run_tiny(out, budget_ms=1e6, trials=3, seeds=[{}, {"bits": 8}, {"rank": 0.25}],
-             sensitivity=False, recover_steps=7, recover_margin=1.0,
-             recover_one_in=1)  # every one is promising
+    data = run_tiny(out, budget_ms=1e6, trials=3, seeds=[{}, {"bits": 8}, {"rank": 0.25}],
+                    sensitivity=False, recover_steps=7)
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
-    base, *compressed = study.trials
-    assert base.user_attrs["recovered_steps"] == 0  # the uncompressed model is not fine-tuned
-    for t in compressed:
-        a = t.user_attrs
-        assert a["recovered_steps"] == 7 and a["short_val_accuracy"] is not None
-        assert t.values[0] == a["val_accuracy"]  # the sampler learns the final figure
+    recovered = study.user_attrs["front_recovered"]
+    front = {p["trial"]: p for p in data["points"]}
+    base = next(t.number for t in study.trials if t.user_attrs["uncompressed"])
+    assert str(base) not in recovered  # the uncompressed model keeps the task's weights
+    compressed = [n for n in front if n != base]
+    assert compressed and all(front[n]["recovered_steps"] == 7 for n in compressed)
+    assert set(recovered) <= {str(t.number) for t in study.trials}
+    task = load_task("tests.tasks:tiny")
+    for n in compressed:
+        r, trial = recovered[str(n)], study.trials[n]
+        assert r["short_val_accuracy"] == trial.values[0]  # the sampler saw the short figure
+        assert front[n]["val_accuracy"] == r["val_accuracy"]
+        model, _ = load_trial_model(out, n, task)  # what `export` writes
+        assert evaluate(model, task.test, task.metric) == pytest.approx(r["test_accuracy"])
+        assert front[n]["test_accuracy"] == r["test_accuracy"]
+    info = RunInfo.load(out)  # resumed: what is done is kept, nothing is fine-tuned again
+    again = recover_front(study, out, task, info.config, info.budget_ms, info.store(out))
+    assert again == recovered
+
     strict = tmp_path / "s"
-    run_tiny(strict, budget_ms=1e-6, trials=2, seeds=[{}, {"bits": 8}], sensitivity=False,
-             recover_steps=7)  # nothing within the budget: nothing earns more steps
+    data = run_tiny(strict, budget_ms=1e-6, trials=2, seeds=[{}, {"bits": 8}],
+                    sensitivity=False, recover_steps=7)  # nothing within the budget
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{strict / 'study.db'}")
-    assert all(t.user_attrs["recovered_steps"] == 0 for t in study.trials)
-
-
-def test_only_the_best_one_in_eta_in_budget_candidates_earn_recovery_steps():
-    """Successive halving's promotion: with a budget every candidate meets, a candidate earns
-    the extra steps only if its short-run accuracy ranks among the best 1 in `one_in` of the
-    in-budget compressed candidates finished so far (itself counted); the uncompressed
-    baseline, over-budget points and recovered figures do not set the bar."""
-    from search.study.loop import promising_in
-
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-
-    def finished(short: float, latency: float, final: float | None = None, **extra) -> None:
-        attrs = {"val_accuracy": short if final is None else final, "latency_ms": latency,
-                 "size_bytes": 100, "short_val_accuracy": None if final is None else short,
-                 **extra}
-        study.add_trial(optuna.trial.create_trial(
-            values=[attrs["val_accuracy"], latency, 100], user_attrs=attrs))
-
-    finished(0.99, 2.0, uncompressed=True)  # the baseline: over the budget, and not a rival
-    finished(0.70, 0.5, final=0.95)  # recovered: ranked by its short-run 0.70
-    finished(0.60, 0.5)
-    finished(0.99, 1.5)  # over the budget: not a rival
-    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 2 rivals, 3 counted: top 1
-    assert rule(0.71, 0.9, 200)  # a new best
-    assert not rule(0.65, 0.9, 200)  # second of three
-    assert not rule(0.90, 1.1, 200)  # over the budget
-    finished(0.50, 0.5)
-    finished(0.40, 0.5)
-    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 4 rivals, 5 counted: top 1
-    assert not rule(0.65, 0.9, 200)
-    finished(0.30, 0.5)
-    rule = promising_in(study, budget_ms=1.0, margin=1.0, one_in=3)  # 5 rivals, 6 counted: top 2
-    assert rule(0.65, 0.9, 200) and not rule(0.55, 0.9, 200)
-    assert promising_in(study, budget_ms=1.0, margin=1.0, one_in=1)(0.1, 0.9, 200)  # all
-    assert not promising_in(study, budget_ms=1.0, margin=0.02, one_in=1)(0.1, 0.6, 100)  # dominated
+    assert not study.user_attrs.get("front_recovered")
+    assert all(p["recovered_steps"] == 0 for p in data["points"])
 
 
 def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path):

@@ -28,6 +28,7 @@ from search.report.front import write_front
 from search.study.artifacts import DEFAULT_FOLDER
 from search.study.config import SearchConfig
 from search.study.loop import measure_front, prepare_study, settle, tune_front, work
+from search.study.recovery import recover_front
 from search.study.runfolder import RunInfo, setup_threads, tuning_dir
 from search.study.storage import (
     STUDY_NAME,
@@ -165,6 +166,10 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
         transfer = tune_front(study, run_dir, task, target,
                               make_compiler(target, config, run_dir, transfer=False),
                               info.budget_ms, say=say)
+    with tqdm(total=0, desc="recovery steps", unit="point", leave=False,
+              disable=not show_progress, dynamic_ncols=True) as bar:
+        recover_front(study, run_dir, task, config, info.budget_ms, store, progress=bar,
+                      say=say)
     data = write_front(run_dir, study, info.budget_ms, target.name, store)
     if latency_table is not None:
         data["latency_table"] = latency_table

@@ -153,8 +153,9 @@ def table(data: dict) -> str:
         speed = f"{base['latency_ms'] / p['latency_ms']:.2f}x" if base else "-"
         small = f"{base['size_bytes'] / p['size_bytes']:.1f}x" if base else "-"
         iqr = f"{p['latency_p25_ms']:.2f}-{p['latency_p75_ms']:.2f}"
+        more = "*" if p.get("recovered_steps") else " "  # (older front.json: none)
         lines.append(f"{p['trial']:>5} {'y' if p['feasible'] else 'n':>2} "
-                     f"{100 * p['test_accuracy']:>6.2f} {p['latency_ms']:>8.3f} {iqr:>13} "
+                     f"{100 * p['test_accuracy']:>6.2f}{more}{p['latency_ms']:>8.3f} {iqr:>13} "
                      f"{speed:>7} {_kib(p['size_bytes']):>10} {small:>7} "
                      f"{_kib(p.get('ideal_size_bytes')):>12}  "
                      f"{Provenance.from_dict(p['latency_source']).label:<22} "
@@ -171,7 +172,9 @@ def table(data: dict) -> str:
                      f"({ort_ms / base['latency_ms']:.2f}x ONNX Runtime's speed; the TVM figure "
                      f"is as above, so the fastest round when interleaved)")
     lines.append("ok: within the latency budget. test %: accuracy on the test split, which "
-                 "chose nothing (the front is chosen on validation). Latency: of the "
+                 "chose nothing (the front is chosen on validation); *: after the recovery "
+                 "steps the front's points within the budget get once the search is over (the "
+                 "sampler saw every candidate's short fine-tune). Latency: of the "
                  "TVM-compiled model, timed; interleaved with the uncompressed model (the "
                  "label's `ratio to uncompressed`), its fastest round over the uncompressed "
                  "model's, times the reference, with the quartiles of its rounds; alone, the "

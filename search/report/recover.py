@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.compress.build import apply_precision
-from search.core.data import evaluate
 from search.core.errors import UserError
 from search.core.task import Task
-from search.finetune.distill import Teacher, resume_distill
 from search.study.artifacts import upload_late_trial_file
 from search.study.config import SearchConfig
-from search.study.evaluate import TRAINABLE, finetune_seed
+from search.study.evaluate import TRAINABLE, finetune_seed, more_steps
 from search.study.runfolder import RunInfo, run_study, trial_file, trial_policy
 
 FINETUNED = "finetuned.pt"  # the deployed model after the long fine-tune (export prefers it)
@@ -66,23 +62,17 @@ def finetune_trial(run_dir: Path, trial: int, steps: int, task: Task,
         raise UserError(f"trial {trial} kept no fine-tuned weights (it is off the front, or "
                         f"failed); pick a trial from `search front {run_dir}`")
     before = json.loads(result.read_text())
-    start = time.perf_counter()
-    options = dataclasses.replace(config.finetune_options(), steps=steps)
-    model = resume_distill(task.model, policy, task.example,
-                           torch.load(trainable, weights_only=True),
-                           Teacher(task.model, task.train), task.train, options, task.loss,
-                           seed=finetune_seed(config.seed, policy) + 2)  # (+1: the search's)
-    deployed = apply_precision(model, policy, task.train)
-    test_after = evaluate(deployed, task.test, task.metric)
-    val_after = evaluate(deployed, task.val, task.metric)
+    more = more_steps(task, policy, torch.load(trainable, weights_only=True), steps, config,
+                      finetune_seed(config.seed, policy) + 2)  # (+1: the front's recovery)
+    deployed = more.model
     torch.save(deployed.state_dict(), trial_dir / FINETUNED)
-    done = Finetuned(trial, steps, float(before["test_accuracy"]), test_after,
-                     float(before["val_accuracy"]), val_after,
-                     round(time.perf_counter() - start, 1), str(trial_dir / FINETUNED))
+    done = Finetuned(trial, steps, float(before["test_accuracy"]), more.test_accuracy,
+                     float(before["val_accuracy"]), more.val_accuracy, round(more.seconds, 1),
+                     str(trial_dir / FINETUNED))
     (trial_dir / FINETUNED_INFO).write_text(json.dumps(done.to_dict(), indent=1))
     study = run_study(run_dir)
     if study is not None:  # every host's `export` then writes the fine-tuned model
         store = RunInfo.load(run_dir).store(run_dir)
         for name in (FINETUNED, FINETUNED_INFO):
             upload_late_trial_file(store, study, trial, trial_dir / name)
-    return done, deployed.eval()
+    return done, deployed

@@ -112,8 +112,10 @@ def fetch_trial_file(study: optuna.Study, store: ArtifactStore, trial: int, name
 
 def drop_trial_files(study: optuna.Study, store: ArtifactStore, trial: int,
                      names: tuple[str, ...]) -> None:
-    """Remove a trial's files `names` from the store (a dominated point's weights)."""
-    for meta in _trial_files(study, trial):
-        if meta.filename in names:
+    """Remove a trial's files `names` from the store (a dominated point's weights), those
+    written after it finished (the front's recovery steps) too."""
+    late = {study_file_name(trial, n) for n in names}
+    for meta in [*_trial_files(study, trial), *get_all_artifact_meta(study)]:
+        if meta.filename in names or meta.filename in late:
             with contextlib.suppress(ArtifactNotFound):
                 store.remove(meta.artifact_id)

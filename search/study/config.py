@@ -14,6 +14,12 @@ from search.core.task import DEFAULT_TASK
 from search.finetune.distill import FinetuneOptions
 
 SAMPLERS = ("tpe", "random", "nsga2")  # Optuna samplers (search.study.storage makes them)
+# keys of earlier versions: a run folder that stored them still loads (they are ignored); a
+# config file naming them is told what replaced them
+RETIRED = {"recover_margin": "recovery steps now go to the front's in-budget points after the "
+                             "search (recover_steps)",
+           "recover_one_in": "recovery steps now go to the front's in-budget points after the "
+                             "search (recover_steps)"}
 _UNITS_MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
 
 
@@ -26,10 +32,8 @@ class SearchConfig:
     trials: int = 16  # candidates evaluated (the seeds below count)
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
-    recover_steps: int = 120  # more steps for a promising candidate (0: off): within the
-    recover_margin: float = 0.02  # budget, no finished point as fast and as small this far ahead,
-    recover_one_in: int = 3  # and by short-run accuracy among the best 1 in this many of the
-    # in-budget candidates finished so far, itself counted (successive halving's eta; 1: all)
+    recover_steps: int = 120  # more steps for each compressed front point within the budget,
+    # after the search (0: off): the sampler ranks every candidate on its short fine-tune
     distill_alpha: float = 0.7  # weight of distillation from the uncompressed model; 0: labels
     qat: bool = True  # fine-tune through the weight quantizer (straight-through estimator)
     dropconnect: float = 0.0  # fine-tune with DropConnect at this rate
@@ -81,14 +85,20 @@ class SearchConfig:
     def load(cls, path: Path | None) -> SearchConfig:
         if path is None:
             return cls()
-        data = read_settings(path, "config file", {f.name for f in fields(cls)},
+        data = read_settings(path, "config file", {f.name for f in fields(cls)} | set(RETIRED),
                              "pass an existing YAML file (see configs/default.yaml)")
+        retired = sorted(set(data) & set(RETIRED))
+        if retired:
+            raise UserError(f"config file {path}: {retired[0]} was retired: "
+                            f"{RETIRED[retired[0]]}; remove it")
         return cls.from_dict(data, f"config file {path}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> SearchConfig:
         """A checked config from plain settings (a config file, run.yaml): unknown keys and
-        wrong types are one-line UserErrors, not a TypeError from the constructor."""
+        wrong types are one-line UserErrors, not a TypeError from the constructor. RETIRED
+        keys (a run folder of an earlier version) are dropped."""
+        data = {k: v for k, v in data.items() if k not in RETIRED}
         check_fields(cls, data, where)
         config = cls(**data)
         config.check(where)
@@ -115,7 +125,7 @@ class SearchConfig:
     def _check_ranges(self, where: str) -> None:
         # NOTE: finetune_steps 0 is allowed: candidates scored as compressed, no fine-tune
         for key, low in (("trials", 1), ("finetune_steps", 0), ("tune_trials_per_task", 0),
-                         ("recover_steps", 0), ("recover_margin", 0), ("recover_one_in", 1),
+                         ("recover_steps", 0),
                          ("startup_trials", 0), ("seed", 0), ("heartbeat_s", 1)):
             if getattr(self, key) < low:
                 raise UserError(f"{where}: {key} must be at least {low}; got "

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +60,6 @@ class TrialResult:
     tuning_s: float
     kernels: int  # tunable kernels in the compiled graph
     new_kernels: int  # of which were tuned for this trial (the rest came from the database)
-    recovered_steps: int = 0  # extra fine-tune steps it earned (promising: config recover_*)
-    short_val_accuracy: float | None = None  # before them (what ranked it)
-    short_test_accuracy: float | None = None
 
 
 class Evaluator:
@@ -98,40 +94,11 @@ class Evaluator:
         return self._anchor
 
     def __call__(self, policy: Policy, progress: Any | None = None,
-                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None,
-                 promising: Callable[[float, float, int], bool] | None = None
+                 hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
                  ) -> tuple[TrialResult, nn.Module]:
         """`curve` collects the validation accuracy at the fine-tune's checkpoints; with
-        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly.
-        `promising(val_accuracy, latency_ms, size_bytes)` (the study's rule) decides whether
-        the candidate earns `recover_steps` more fine-tune steps before its accuracy is final."""
-        result, model = self._evaluate(policy, progress, hopeless, curve)
-        steps = self.config.recover_steps
-        if self.trainable is None or promising is None or steps <= 0 or \
-                not promising(result.val_accuracy, result.latency.median_ms, result.size_bytes):
-            return result, model
-        return self._recover(policy, result, steps)
-
-    def _recover(self, policy: Policy, result: TrialResult, steps: int
-                 ) -> tuple[TrialResult, nn.Module]:
-        """More distillation steps from the short fine-tune's weights (same transforms), then
-        the precision again. The structure is unchanged, so latency and size stand."""
-        task = self.task
-        start = time.perf_counter()
-        options = dataclasses.replace(self.config.finetune_options(), steps=steps)
-        trained = resume_distill(task.model, policy, task.example, self.trainable,
-                                 self.teacher, task.train, options, task.loss,
-                                 seed=finetune_seed(self.config.seed, policy) + 1,
-                                 guard=cpu_turn)
-        self.trainable = {k: v.detach().clone() for k, v in trained.state_dict().items()}
-        model = apply_precision(trained, policy, task.train)
-        with cpu_turn():
-            val, test = evaluate(model, task.val, task.metric), evaluate(model, task.test,
-                                                                          task.metric)
-        return dataclasses.replace(
-            result, val_accuracy=val, test_accuracy=test, recovered_steps=steps,
-            short_val_accuracy=result.val_accuracy, short_test_accuracy=result.test_accuracy,
-            finetune_s=result.finetune_s + time.perf_counter() - start), model
+        `hopeless` (and a predicted latency) a dominated candidate raises StoppedEarly."""
+        return self._evaluate(policy, progress, hopeless, curve)
 
     def _evaluate(self, policy: Policy, progress: Any | None, hopeless: Hopeless | None,
                   curve: dict[str, float] | None
@@ -192,3 +159,34 @@ class Evaluator:
                            compiled.weights.total, compiled.weights.by_dtype, finetune_s,
                            timed.compile_s,
                            compiled.tuning_s, compiled.tasks, compiled.new_tasks), model
+
+
+@dataclass(frozen=True)
+class MoreSteps:
+    """A fine-tune continued from a candidate's saved weights: the deployed model, the weights
+    to continue from again, and its accuracy on both held-out splits."""
+
+    model: nn.Module  # precision applied: what is deployed
+    trainable: dict[str, torch.Tensor]  # fp32, training transforms attached
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+
+
+def more_steps(task: Task, policy: Policy, trainable: dict[str, torch.Tensor], steps: int,
+               config: SearchConfig, seed: int, teacher: Teacher | None = None) -> MoreSteps:
+    """`steps` more distillation steps from a fine-tune's weights (the same transforms), then
+    the precision again. The structure is unchanged, so latency and size stand. One path for
+    the front's recovery steps (search.study.recovery) and `search finetune`. `teacher`: the
+    uncompressed model's outputs, computed once for several calls."""
+    start = time.perf_counter()
+    options = dataclasses.replace(config.finetune_options(), steps=steps)
+    trained = resume_distill(task.model, policy, task.example, trainable,
+                             teacher or Teacher(task.model, task.train), task.train, options,
+                             task.loss, seed=seed, guard=cpu_turn)
+    state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    model = apply_precision(trained, policy, task.train)
+    with cpu_turn():
+        val, test = evaluate(model, task.val, task.metric), evaluate(model, task.test,
+                                                                      task.metric)
+    return MoreSteps(model.eval(), state, val, test, time.perf_counter() - start)

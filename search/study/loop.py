@@ -141,10 +141,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         curve: dict[str, float] = {}
         evaluator.reference_ms = trial.study.user_attrs.get(REFERENCE)
         hopeless = Hopeless(trial.study) if evaluator.config.early_stop else None
-        result, model = evaluator(policy, progress, hopeless, curve,
-                                  promising_in(trial.study, budget_ms,
-                                               evaluator.config.recover_margin,
-                                               evaluator.config.recover_one_in))
+        result, model = evaluator(policy, progress, hopeless, curve)
         if not trial.user_attrs["uncompressed"]:  # the uncompressed weights are the task's
             torch.save(model.state_dict(), trial_dir / "model.pt")
             if evaluator.trainable is not None:  # for a longer fine-tune later
@@ -169,9 +166,6 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "tuning_s": round(result.tuning_s, 2),
             "kernels": result.kernels,
             "new_kernels": result.new_kernels,
-            "recovered_steps": result.recovered_steps,  # > 0: promising, fine-tuned longer
-            "short_val_accuracy": result.short_val_accuracy,  # after the short fine-tune
-            "short_test_accuracy": result.short_test_accuracy,
             "precisions": sorted({precision_of(lp) for lp in policy.layers.values()} | {"fp32"}),
             "software_precisions": evaluator.target.software_precisions(policy),
             CURVE_ATTR: curve,
@@ -194,36 +188,6 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
         return result.val_accuracy, result.latency.median_ms, result.size_bytes
 
     return objective
-
-
-def promising_in(study: optuna.Study, budget_ms: float, margin: float, one_in: int = 1
-                 ) -> Callable[[float, float, int], bool]:
-    """The rule for a longer fine-tune, each figure compared after the short fine-tune (the
-    rank all candidates had): within the budget; no finished trial at least as fast and as
-    small is `margin` or more ahead on validation accuracy; and the accuracy is among the best
-    `one_in`-th (at least the best one, so a new best always qualifies) of the in-budget
-    compressed candidates finished so far, itself counted: successive halving's promotion of
-    the top 1/eta, so with a loose budget about a third, not most, pay for the extra steps."""
-    done = [t.user_attrs for t in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if DUPLICATE_OF not in t.user_attrs and "latency_ms" in t.user_attrs]
-
-    def short(a: dict[str, Any]) -> float:
-        value = a.get("short_val_accuracy")
-        return a["val_accuracy"] if value is None else value
-
-    rivals = [short(a) for a in done
-              if a["latency_ms"] <= budget_ms and not a.get("uncompressed")]
-
-    def rule(val_accuracy: float, latency_ms: float, size_bytes: int) -> bool:
-        if latency_ms > budget_ms or any(
-                a["latency_ms"] <= latency_ms and a["size_bytes"] <= size_bytes
-                and short(a) >= val_accuracy + margin for a in done):
-            return False
-        ahead = sum(1 for r in rivals if r > val_accuracy)
-        return ahead < max(1, (len(rivals) + 1) // one_in)
-
-    return rule
 
 
 WORKER = "worker"  # user attr: the host and process that ran the trial

@@ -15,6 +15,9 @@ from search.study.storage import SURPLUS
 
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial that reused an earlier one's figures
 POLICY = "policy"  # user attr: the trial's whole policy (every layer, every knob)
+# study attr: trial -> the accuracy after the front's recovery steps (search.study.recovery);
+# a study attr because a finished trial's attrs are frozen
+RECOVERED = "front_recovered"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Point:
     policy: dict[str, dict[str, Any]]
     ideal_size_bytes: int | None = None  # estimate: the weights in formats we count but do not
     # write (sparse + Huffman, codebooks, packed sub-8-bit); None in runs before it existed
+    recovered_steps: int = 0  # fine-tune steps after the search (accuracy is after them)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "latency_source": self.latency_source.to_dict()}
@@ -50,10 +54,15 @@ class Point:
 def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Point]:
     points = []
     measured = study.user_attrs.get("front_measured", {})  # predicted points measured whole
+    recovered = study.user_attrs.get(RECOVERED, {})
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         a = dict(t.user_attrs)
         if DUPLICATE_OF in a:  # the same policy as an earlier trial: listed once, as it
             continue
+        r = recovered.get(str(t.number))
+        if r and "error" not in r:
+            a.update(val_accuracy=r["val_accuracy"], test_accuracy=r["test_accuracy"],
+                     recovered_steps=r["steps"])
         m = measured.get(str(t.number))
         if m and "error" not in m:
             a.update(latency_ms=m["measured_ms"], latency_p25_ms=m["measured_iqr_ms"][0],
@@ -65,7 +74,8 @@ def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Poin
                             a["latency_p75_ms"], Provenance.from_dict(a["latency_source"]),
                             a["size_bytes"],
                             a["params"], a["flops"], a["latency_ms"] <= budget_ms,
-                            policy.to_dict(), a.get("ideal_size_bytes")))
+                            policy.to_dict(), a.get("ideal_size_bytes"),
+                            a.get("recovered_steps") or 0))
     return points
 
 
