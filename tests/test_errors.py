@@ -215,8 +215,9 @@ def test_a_run_whose_baseline_failed_exits_non_zero_and_says_why(tmp_path, capfd
     ({"seeds": [{}, {"rank": 2}]}, "seeds[1]: rank must be in (0, 1], got 2"),
     ({"seeds": [{"colour": 1}]}, "seeds[0] names unknown knob(s) colour"),
     ({"trails": 5}, "unknown setting(s) trails"),
-    ({"recover_one_in": 3}, "recover_one_in was retired: recovery steps now go to the front's "
-                            "in-budget points after the search (recover_steps); remove it"),
+    ({"recover_one_in": 3}, "recover_one_in was retired: recovery steps now go to the "
+                            "in-budget points on or near the front after the search"),
+    ({"recover_margin": -0.1}, "recover_margin must be at least 0; got -0.1"),
 ])
 def test_a_bad_config_is_one_line_naming_the_key(tmp_path, capfd, setting, expected):
     code, err, out = run_cli(tmp_path, capfd, **setting)
@@ -230,9 +231,10 @@ def test_a_bad_config_is_one_line_naming_the_key(tmp_path, capfd, setting, expec
 def test_a_run_folder_of_an_earlier_version_loads_without_its_retired_keys():
     """Nothing already saved is lost: run.yaml of a run from before recovery moved to the end
     still loads (and resumes); its retired keys are dropped, the others kept."""
-    config = SearchConfig.from_dict({"trials": 5, "recover_margin": 0.02, "recover_one_in": 3},
+    config = SearchConfig.from_dict({"trials": 5, "recover_margin": 0.05, "recover_one_in": 3},
                                     "run settings: config")
-    assert config.trials == 5 and not hasattr(config, "recover_one_in")
+    assert config.trials == 5 and config.recover_margin == 0.05
+    assert not hasattr(config, "recover_one_in")
 
 
 def test_zero_finetune_steps_is_allowed():

@@ -355,6 +355,27 @@ def test_front_points_within_the_budget_get_recovery_steps_after_the_search(tmp_
     assert all(p["recovered_steps"] == 0 for p in data["points"])
 
 
+def test_recovery_steps_go_to_in_budget_points_on_or_within_the_margin_of_the_front():
+    from search.backend.provenance import Provenance
+    from search.study.points import Point
+    from search.study.recovery import due
+
+    def point(trial: int, val: float, ms: float, size: int = 100, feasible: bool = True,
+              policy: dict | None = None) -> Point:
+        return Point(trial, val, val, ms, ms, ms, Provenance.timed("host", 1, 1), size, 10, 10,
+                     feasible, {"fc": {"rank": 0.5}} if policy is None else policy)
+
+    points = [point(0, 0.99, 9.0, 900, feasible=False, policy={"fc": {}}),  # uncompressed
+              point(1, 0.80, 1.0),  # the front
+              point(2, 0.79, 2.0),  # dominated by #1, but only by 0.01: may overtake
+              point(3, 0.70, 2.0),  # dominated by 0.10: no
+              point(4, 0.85, 3.0, feasible=False),  # over the budget: no
+              point(5, 0.78, 0.5)]  # the front
+    assert [p.trial for p in due(points, {}, margin=0.02)] == [5, 1, 2]  # fastest first
+    assert [p.trial for p in due(points, {}, margin=0.0)] == [5, 1]  # the front alone
+    assert [p.trial for p in due(points, {"1": {}, "5": {}}, margin=0.02)] == [2]  # done: kept
+
+
 def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path):
     """A trial's kernels the library lacks run a neighbour's schedule (transfer); before the
     front is written, the feasible front points that did are tuned and timed again, so the

@@ -16,10 +16,8 @@ from search.finetune.distill import FinetuneOptions
 SAMPLERS = ("tpe", "random", "nsga2")  # Optuna samplers (search.study.storage makes them)
 # keys of earlier versions: a run folder that stored them still loads (they are ignored); a
 # config file naming them is told what replaced them
-RETIRED = {"recover_margin": "recovery steps now go to the front's in-budget points after the "
-                             "search (recover_steps)",
-           "recover_one_in": "recovery steps now go to the front's in-budget points after the "
-                             "search (recover_steps)"}
+RETIRED = {"recover_one_in": "recovery steps now go to the in-budget points on or near the "
+                             "front after the search (recover_steps, recover_margin)"}
 _UNITS_MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
 
 
@@ -32,8 +30,9 @@ class SearchConfig:
     trials: int = 16  # candidates evaluated (the seeds below count)
     timeout: float | None = None  # stop starting new trials after this many seconds
     finetune_steps: int = 60  # distillation steps per candidate (batch 64)
-    recover_steps: int = 120  # more steps for each compressed front point within the budget,
-    # after the search (0: off): the sampler ranks every candidate on its short fine-tune
+    recover_steps: int = 120  # after the search, more steps for each compressed point within
+    recover_margin: float = 0.02  # the budget on the front or this close to it in validation
+    # accuracy (0: the front alone; recover_steps 0: off); the sampler saw every short figure
     distill_alpha: float = 0.7  # weight of distillation from the uncompressed model; 0: labels
     qat: bool = True  # fine-tune through the weight quantizer (straight-through estimator)
     dropconnect: float = 0.0  # fine-tune with DropConnect at this rate
@@ -125,7 +124,7 @@ class SearchConfig:
     def _check_ranges(self, where: str) -> None:
         # NOTE: finetune_steps 0 is allowed: candidates scored as compressed, no fine-tune
         for key, low in (("trials", 1), ("finetune_steps", 0), ("tune_trials_per_task", 0),
-                         ("recover_steps", 0),
+                         ("recover_steps", 0), ("recover_margin", 0),
                          ("startup_trials", 0), ("seed", 0), ("heartbeat_s", 1)):
             if getattr(self, key) < low:
                 raise UserError(f"{where}: {key} must be at least {low}; got "

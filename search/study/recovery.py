@@ -2,10 +2,10 @@
 
 Every candidate is fine-tuned briefly (`finetune_steps`): enough to rank them, and one figure
 that the sampler and early stopping compare across all trials. Which points deserve more steps
-is known only once the search is over: each compressed point of the front within the budget is
-fine-tuned `recover_steps` more, from its own weights, and the front is recomputed with those
-figures until every such point has had them (a point whose accuracy drops may let a dominated
-one back on the front). Recovered weights replace the short-run ones, here and in the artifact
+is known only once the search is over: each compressed point within the budget that is on the
+front, or within `recover_margin` of it in validation accuracy, is fine-tuned `recover_steps`
+more from its own weights, and this is repeated on the figures so far until no such point is
+left. Recovered weights replace the short-run ones, here and in the artifact
 store, so `export` writes the model the front reports. Trials keep the short-run figures the
 sampler saw; the recovered ones are a study attr (RECOVERED) that
 `search.study.points.points_of` reads in their place.
@@ -27,17 +27,27 @@ from search.finetune.distill import Teacher
 from search.study.artifacts import ArtifactStore, upload_late_trial_file
 from search.study.config import SearchConfig
 from search.study.evaluate import TRAINABLE, finetune_seed, more_steps
-from search.study.points import RECOVERED, Point, pareto, points_of
+from search.study.points import RECOVERED, Point, points_of
 from search.study.runfolder import trial_file
 
 MODEL = "model.pt"  # a trial's deployed weights (precision applied)
 
 
-def due(points: list[Point], done: dict[str, Any]) -> list[Point]:
-    """The front's points still owed recovery steps: compressed, within the budget, not done."""
-    return [p for p in pareto(points)
-            if p.feasible and str(p.trial) not in done
-            and not all(lp.is_identity for lp in Policy.from_dict(p.policy).layers.values())]
+def due(points: list[Point], done: dict[str, Any], margin: float) -> list[Point]:
+    """The points still owed recovery steps: compressed, within the budget, not done, and on
+    the front or within `margin` of it: no point as fast and as small is `margin` or more
+    ahead on validation accuracy (a short fine-tune's figure is that noisy, and extra steps
+    gain some policies more than others: one that close may overtake once recovered)."""
+    def ahead(q: Point, p: Point) -> bool:
+        return (q.trial != p.trial and q.latency_ms <= p.latency_ms
+                and q.size_bytes <= p.size_bytes and q.val_accuracy >= p.val_accuracy + margin
+                and (margin > 0 or (q.latency_ms, q.size_bytes, q.val_accuracy)
+                     != (p.latency_ms, p.size_bytes, p.val_accuracy)))  # (0: the front alone)
+
+    return sorted((p for p in points
+                   if p.feasible and str(p.trial) not in done
+                   and not all(lp.is_identity for lp in Policy.from_dict(p.policy).layers.values())
+                   and not any(ahead(q, p) for q in points)), key=lambda p: p.latency_ms)
 
 
 def recover_front(study: optuna.Study, run_dir: Path, task: Task, config: SearchConfig,
@@ -50,10 +60,10 @@ def recover_front(study: optuna.Study, run_dir: Path, task: Task, config: Search
     if config.recover_steps <= 0:
         return done
     teacher = None
-    while todo := due(points_of(study, budget_ms, run_dir), done):
+    while todo := due(points_of(study, budget_ms, run_dir), done, config.recover_margin):
         if teacher is None:
-            say(f"fine-tuning {len(todo)} front point(s) within the budget "
-                f"{config.recover_steps} more steps (recover_steps) ...")
+            say(f"fine-tuning {len(todo)} point(s) on or near the front within the budget "
+                f"{config.recover_steps} more steps (recover_steps, recover_margin) ...")
             teacher = Teacher(task.model, task.train)  # computed once for all of them
         if progress is not None:
             progress.reset(total=len(todo))
