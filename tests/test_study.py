@@ -99,6 +99,11 @@ def test_every_latency_is_timed_against_the_uncompressed_model_and_scaled_by_one
     baseline = done[0].user_attrs  # the uncompressed model timed against itself
     assert baseline["uncompressed"] and 0.5 < baseline["latency_ratio"] < 2.0
     assert all(p["latency_source"]["reference_ms"] == reference for p in data["points"])
+    # ONNX Runtime's reference figure is timed the same way, so the front compares like with like
+    ort = data["reference"]
+    assert ort["timing"] == "interleaved" and ort["source"]["reference_ms"] == reference
+    assert ort["uncompressed_onnxruntime_fp32_ms"] == pytest.approx(ort["ratio"] * reference)
+    assert ort["ratio"] > 0  # (TINY compiles untuned: no bound on how far apart they are)
 
 
 def test_front_and_export_commands(tiny_run):

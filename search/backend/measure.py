@@ -177,9 +177,36 @@ def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     timer = _timer(vm, dev, settings, xs)
     anchor_timer = None
     if anchor is not None:
-        anchor_vm = relax.VirtualMachine(load(anchor.executable, "anchor"), dev)
-        anchor_xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(anchor.example)]
-        anchor_timer = _timer(anchor_vm, dev, settings, anchor_xs)
+        anchor_timer = _anchor_timer(anchor, dev, settings, lambda exe: load(exe, "anchor"))
+    return timed_rounds(timer, settings, anchor_timer, emulation)
+
+
+def time_against_anchor(timer: Callable[[], float], anchor: Anchor, target: Any) -> Latency:
+    """Another runtime's rounds on this CPU (`timer`: one round's ms, warmed up) interleaved
+    with the anchor's under the target's device lock, as a candidate's are: the same figure,
+    so the two compare (the front's ONNX Runtime reference)."""
+    import tvm
+
+    with device_lock(target):
+        return timed_rounds(timer, target.measurement,
+                            _anchor_timer(anchor, tvm.cpu(), target.measurement))
+
+
+def _anchor_timer(anchor: Anchor, dev: Any, settings: Measurement,
+                  load: Callable[[Any], Any] = lambda exe: exe) -> Callable[[], float]:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(load(anchor.executable), dev)
+    xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(anchor.example)]
+    return _timer(vm, dev, settings, xs)
+
+
+def timed_rounds(timer: Callable[[], float], settings: Measurement,
+                 anchor_timer: Callable[[], float] | None = None,
+                 emulation: str | None = None) -> Latency:
+    """Time `timer` alone (`settings.repeat` rounds: the median and quartiles), or round by
+    round with `anchor_timer` (`settings.rounds`: the fastest round over the anchor's)."""
     samples, anchors = [], []
     rounds = settings.repeat if anchor_timer is None else settings.rounds
     for _ in range(rounds):  # NOTE: round by round, so both see the same load

@@ -8,7 +8,7 @@ import io
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,16 @@ def ort_session_bytes(model: nn.Module, example: Any) -> bytes:
 
 
 def time_onnxruntime(onnx_bytes: bytes, example: Any, settings: Measurement) -> float:
-    """The reference runtime: median ms of ONNX Runtime (CPU, one thread) on the same input.
+    """The reference runtime alone: median ms of ONNX Runtime (CPU, one thread) over `repeat`
+    rounds, each timed like the TVM evaluator's (`ort_timer`)."""
+    timer = ort_timer(onnx_bytes, example, settings)
+    return statistics.median(timer() for _ in range(settings.repeat))
 
-    Timed like the TVM evaluator: warm-up, then `repeat` repeats of at least `min_repeat_ms`.
-    """
+
+def ort_timer(onnx_bytes: bytes, example: Any, settings: Measurement) -> Callable[[], float]:
+    """One round of ONNX Runtime (CPU, one thread), warmed up: ms per run over at least
+    `number` runs and `min_repeat_ms`, as TVM's time evaluator times a round (so the two can
+    be interleaved round by round: search.backend.measure.time_against_anchor)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -89,14 +95,15 @@ def time_onnxruntime(onnx_bytes: bytes, example: Any, settings: Measurement) -> 
     feed = onnx_feed(sess, example)
     for _ in range(5):
         sess.run(None, feed)
-    samples = []
-    for _ in range(settings.repeat):
+
+    def one_round() -> float:
         n, start = 0, time.perf_counter()
         while n < settings.number or (time.perf_counter() - start) * 1e3 < settings.min_repeat_ms:
             sess.run(None, feed)
             n += 1
-        samples.append((time.perf_counter() - start) * 1e3 / n)
-    return statistics.median(samples)
+        return (time.perf_counter() - start) * 1e3 / n
+
+    return one_round
 
 
 def onnx_feed(session: Any, example: Any) -> dict[str, np.ndarray]:
