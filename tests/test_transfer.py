@@ -83,3 +83,24 @@ def test_kernels_of_one_structure_differ_only_in_their_extents():
     assert extents(a) == (1, 16, 16) and extents(b) == (1, 24, 24)
     assert distance(extents(a), extents(a)) == 0 < distance(extents(a), extents(b))
 
+
+
+def test_a_candidate_slower_than_the_uncompressed_model_on_transferred_schedules_gets_its_own(
+        library):
+    """A neighbour's schedule can be far off: a candidate it times clearly slower than the
+    anchor (the uncompressed model; measure.SUSPECT_RATIO) is compiled again on its own tuned
+    kernels and timed again; one it times faster keeps them (tuning every transferred kernel
+    would undo transfer)."""
+    from search.backend.measure import compile_anchor, compile_and_time
+
+    host = load_target("host")
+    model = convs(24, 56)  # shapes the library lacks: transferred at first
+    small = compile_anchor(convs(16, 32), X, Compiler(host, library, trials_per_task=0))
+    slow = compile_anchor(convs(64, 96), X, Compiler(host, library, trials_per_task=0,
+                                                     transfer=False))  # untuned: naive loops
+    compiler = Compiler(host, library, trials_per_task=2)
+    kept = compile_and_time(model, X, compiler, host, QUICK, anchor=slow)
+    assert kept.compiled.transferred > 0 and kept.latency.ratio < 1  # faster: kept as it is
+    own = compile_and_time(model, X, compiler, host, QUICK, anchor=small)  # a larger model
+    assert own.compiled.transferred == 0 and own.compiled.fully_tuned
+    assert own.compiled.new_tasks > 0 and "transferred" not in own.source.label

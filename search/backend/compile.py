@@ -244,18 +244,19 @@ class Compiler:
         return module_weight_bytes(
             _fused(lower_int8(cpu_layout(mod), target=self.target), self.target))
 
-    def compile(self, mod: Any, progress: Any | None = None) -> Compiled:
+    def compile(self, mod: Any, progress: Any | None = None, transfer: bool = True) -> Compiled:
         """Tune the module's new workloads (if tuning is on), then build with the database.
-        Holds the database's lock throughout: parallel workers share it."""
+        Holds the database's lock throughout: parallel workers share it. `transfer=False`:
+        tune what the database lacks even where a neighbour's schedule would replay."""
         from search.devices.lock import file_lock
 
         with file_lock(self.db_dir / ".lock"):
             try:
-                return self._compile(mod, progress)
+                return self._compile(mod, progress, transfer)
             finally:
                 self._mark_own_writes()  # new workloads and records: in memory already
 
-    def _compile(self, mod: Any, progress: Any | None) -> Compiled:
+    def _compile(self, mod: Any, progress: Any | None, transfer: bool = True) -> Compiled:
         from tvm.s_tir import meta_schedule as ms
 
         from search.backend.int8 import int8_kernels, lower_int8
@@ -270,7 +271,8 @@ class Compiler:
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
-            served = [] if self.transfer is None else self.transfer.plan(self.database, missing)
+            served = [] if self.transfer is None or not transfer else \
+                self.transfer.plan(self.database, missing)
             to_tune = [t for t in missing if all(t is not s for s in served)]
             start = time.perf_counter()
             tuned_now = self._tune_missing(to_tune, progress)

@@ -175,8 +175,9 @@ def table(data: dict) -> str:
                      f"({ort_ms / base['latency_ms']:.2f}x ONNX Runtime's speed)")
     lines.append("ok: within the latency budget. test %: accuracy on the test split, which "
                  "chose nothing (the front is chosen on validation); *: after the recovery "
-                 "steps the front's points within the budget get once the search is over (the "
-                 "sampler saw every candidate's short fine-tune). Latency: of the "
+                 "steps given once the search is over to the points within the budget on or "
+                 "near the front (the sampler saw every candidate's short fine-tune). Latency: "
+                 "of the "
                  "TVM-compiled model, timed; interleaved with the uncompressed model (the "
                  "label's `ratio to uncompressed`), its fastest round over the uncompressed "
                  "model's, times the reference, with the quartiles of its rounds; alone, the "
