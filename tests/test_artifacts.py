@@ -43,8 +43,21 @@ def round_trip(store, tmp_path: Path) -> None:
     upload_late_trial_file(store, study, 0, made / "late" / "model.pt")
     assert fetch_trial_file(study, store, 0, "model.pt", back / "model.pt").read_bytes() == \
         b"recovered"  # the newest of a name wins
-    drop_trial_files(study, store, 0, ("model.pt",))  # off the front: its weights go, all
+    other = study.ask()  # a second trial, with a late file too: not dropped with trial 0's
+    (made / "one").mkdir()
+    (made / "one" / "model.pt").write_bytes(b"weights of trial 1")
+    upload_trial_files(store, other, [made / "one" / "model.pt"])
+    study.tell(other, 0.5)
+    (made / "one" / "late").mkdir()
+    (made / "one" / "late" / "model.pt").write_bytes(b"trial 1 recovered")
+    upload_late_trial_file(store, study, 1, made / "one" / "late" / "model.pt")
+    drop_trial_files(study, store, [0], ("model.pt",))  # off the front: its weights go, all
     assert fetch_trial_file(study, store, 0, "model.pt", back / "gone.pt") is None
+    assert fetch_trial_file(study, store, 1, "model.pt", back / "one.pt").read_bytes() == \
+        b"trial 1 recovered"
+    drop_trial_files(study, store, [], ("model.pt",))  # nothing to drop: nothing read
+    drop_trial_files(study, store, [1], ("model.pt",))
+    assert fetch_trial_file(study, store, 1, "model.pt", back / "one.pt") is None
     assert fetch_trial_file(study, store, 0, "policy.yaml", back / "policy.yaml") is not None
     assert not list(back.glob("*.partial"))
 

@@ -1,27 +1,21 @@
-"""The per-layer latency table: each op measured once, predictions need no compile, and they
-follow the whole model's measured latency (untuned compiles: structure, not speed figures)."""
+"""Predicted latency: a model's own compiled kernels costed from the kernel library (records,
+or a tuned neighbour's record scaled by flops), as a ratio to the uncompressed model; and the
+per-layer op table the integer program's measured costs come from."""
 
 from __future__ import annotations
 
 import multiprocessing
-import statistics
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from search.backend.compile import Compiler
+from search.backend.compile import Compiler, to_relax
 from search.backend.int8 import int8_kind
-from search.backend.latency_table import (
-    LatencyTable,
-    MissingLayers,
-    deployed_form,
-    error_report,
-    layer_ops,
-    verify_front,
-)
-from search.backend.measure import compile_and_time
+from search.backend.latency_table import LatencyTable, layer_ops
+from search.backend.predict import KernelLibrary, deployed_form, error_report
+from search.backend.provenance import tuning_label
 from search.compress.build import build, restructure
 from search.compress.int8 import ActQuant, Int8Linear
 from search.compress.policy import LayerPolicy, Policy
@@ -44,19 +38,6 @@ def models(tiny_task) -> dict[str, nn.Module]:
             for name, knobs in (("base", {}), ("rank", {"rank": 0.125}), ("fp16", {"bits": 16}))}
 
 
-@pytest.fixture(scope="module")
-def table(untuned, models, tiny_task) -> LatencyTable:
-    """A table that has measured the uncompressed and rank-0.125 models' ops, and learned the
-    residual from the uncompressed model measured whole."""
-    t = LatencyTable.for_compiler(untuned)
-    x = tiny_task.example
-    t.measure_missing(models["base"], x, untuned, settings=FAST)
-    whole = compile_and_time(models["base"], x, untuned, settings=FAST).latency
-    t.record_whole(models["base"], x, whole.median_ms, family="tiny")
-    t.measure_missing(models["rank"], x, untuned, settings=FAST)
-    return t
-
-
 def test_ops_are_the_deployed_layers_with_their_real_inputs(models, tiny_task):
     base = layer_ops(models["base"], tiny_task.example)
     assert len(base) == 5  # conv1, conv2, fc1, fc2, fc3
@@ -69,64 +50,21 @@ def test_ops_are_the_deployed_layers_with_their_real_inputs(models, tiny_task):
     assert {op.key for op in half}.isdisjoint(op.key for op in base)
 
 
-def test_each_op_is_measured_once_and_reused(table, untuned, models, tiny_task):
-    x = tiny_task.example
-    assert table.measured == len({op.key for m in ("base", "rank")
-                                  for op in layer_ops(models[m], x)})  # shared ops once
-    assert table.missing(models["base"], x) == [] and table.missing(models["rank"], x) == []
-    assert table.measure_missing(models["rank"], x, untuned, settings=FAST) == []
-    again = LatencyTable(table.path, "host")  # another process: same file
-    assert again.missing(models["base"], x) == []
-    entry = next(iter(again.layers.values()))
-    assert entry["tuning"] == "untuned" and entry["source"]["method"] == "measured"
-    # tuned entries wanted (a tuning compiler): the untuned ones count as missing
-    assert len(again.missing(models["base"], x, tuned=True)) == 5
-
-
-def test_prediction_compiles_nothing(table, untuned, models, tiny_task, monkeypatch):
-    def no_compile(*a, **k):
-        raise AssertionError("predict compiled something")
-
-    monkeypatch.setattr(untuned, "compile", no_compile)
-    p = table.predict(models["rank"], tiny_task.example, family="tiny")
-    assert p.source.label == "predicted:host:untuned" and p.source.estimate
-    assert p.residual_from == 0 and p.ms == p.layer_sum_ms  # one whole model: not used yet
-    assert len(p.per_layer) == len(layer_ops(models["rank"], tiny_task.example))
-    with pytest.raises(MissingLayers) as info:  # its fp16 ops were never measured
-        table.predict(models["fp16"], tiny_task.example)
-    assert len(info.value.keys) == 5
-
-
-def test_prediction_follows_the_measured_whole_model(table, untuned, models, tiny_task):
-    x = tiny_task.example
-    base = table.predict(models["base"], x, family="tiny")
-    rank = table.predict(models["rank"], x, family="tiny")
-    assert rank.ms < base.ms  # a rank-0.125 model is predicted faster
-    measured = compile_and_time(models["rank"], x, untuned, settings=FAST).latency
-    # untuned kernels on a shared machine: a loose factor (bench/bench_predict.py: the figures)
-    assert measured.median_ms / 4 < rank.ms < measured.median_ms * 4
-    # the residual: the median of (measured - op sum), used once 3 models were measured whole
-    family = "tiny+rank"
-    residuals = [table.record_whole(models["base"], x, base.layer_sum_ms + 0.5, family=family),
-                 table.record_whole(models["rank"], x, rank.layer_sum_ms - 0.1, family=family)]
-    assert table.residual(family) == (0.0, 0)
-    residuals.append(table.record_whole(models["rank"], x, measured.median_ms, family=family))
-    residual, n = table.residual(family)
-    assert n == 3 and residual == pytest.approx(statistics.median(residuals))
-    p = table.predict(models["rank"], x, family=family)
-    assert p.ms == pytest.approx(rank.layer_sum_ms + max(residual, -0.5 * rank.layer_sum_ms))
-
-
-def test_16_bit_and_int8_ops_are_measured_as_compiled(untuned, tmp_path):
+def test_16_bit_and_int8_ops_are_measured_as_compiled_once(untuned, tmp_path):
     torch.manual_seed(0)
     table = LatencyTable(tmp_path / "layers.json", "host", int8_kind(untuned.target))
     model = nn.Sequential(Half(nn.Linear(32, 16)), nn.ReLU(),
                           Int8Linear(nn.Linear(16, 8), ActQuant(0.05, 0)))
     x = torch.randn(1, 32)
-    keys = table.measure_missing(model, x, untuned, settings=FAST)
+    keys = table.measure_ops(layer_ops(model, x, table.int8_kind), untuned, settings=FAST)
     assert len(keys) == 2 and "half[float16]" in keys[0]
     assert f"int8linear[{table.int8_kind}]" in keys[1]  # lowered to the target's int8 form
-    assert table.predict(model, x).ms > 0
+    assert all(table.layers[k]["ms"] > 0 and table.layers[k]["tuning"] == "untuned"
+               for k in keys)
+    # measured once: a second call (another process: the same file) times nothing again
+    again = LatencyTable(table.path, "host", table.int8_kind)
+    assert again.measure_ops(layer_ops(model, x, table.int8_kind), untuned,
+                             settings=FAST) == []
 
 
 def test_deployed_form_has_the_ops_of_the_fine_tuned_model(tiny_task):
@@ -140,19 +78,6 @@ def test_deployed_form_has_the_ops_of_the_fine_tuned_model(tiny_task):
     keys = [op.key for op in layer_ops(before, task.example)]
     assert keys == [op.key for op in layer_ops(after, task.example)]
     assert any("half[" in k for k in keys) and sum("int8linear[" in k for k in keys) == 3
-
-
-def test_front_points_are_measured_whole_and_teach_the_residual(table, untuned, models,
-                                                                tiny_task):
-    x = tiny_task.example
-    predicted = table.predict(models["rank"], x, family="front")
-    assert predicted.residual_from == 0
-    rows, report = verify_front([(7, models["rank"], predicted.ms, 1e-3)], x, table, untuned,
-                                family="front", settings=FAST)
-    assert rows[0]["point"] == 7 and rows[0]["source"]["tuning"] == "untuned"
-    assert report["n"] == 1 and report["median_abs_rel_error"] == pytest.approx(
-        abs(rows[0]["rel_error"]))
-    assert len(table.records("front")) == 1  # recorded after the error was taken
 
 
 def _writer(path: str, worker: int) -> None:
@@ -181,3 +106,81 @@ def test_error_report():
     assert r["max_abs_rel_error"] == pytest.approx(0.5)
     assert 0.1 < r["p95_abs_rel_error"] <= 0.5
     assert error_report([]) == {"n": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel library's prediction
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def convs(a: int, b: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, a, 3, padding=1), nn.ReLU(), nn.Conv2d(a, b, 1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(b, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Compiler:
+    """A compiler (tuning off) on a database holding one model's tuned kernels."""
+    db = tmp_path_factory.mktemp("library")
+    Compiler(load_target("host"), db, trials_per_task=2).compile(to_relax(convs(16, 32), X))
+    return Compiler(load_target("host"), db, trials_per_task=0)
+
+
+def _record_ms(compiler: Compiler, task) -> float:
+    rec = compiler.database.query_tuning_record(task.dispatched[0], compiler.target,
+                                                task.task_name)
+    return min(float(s) for s in rec.run_secs) * 1e3
+
+
+def test_a_models_kernels_are_costed_by_their_own_records_compiling_nothing(library,
+                                                                             monkeypatch):
+    def no_compile(*a, **k):
+        raise AssertionError("a prediction compiled something")
+
+    monkeypatch.setattr(library, "compile", no_compile)
+    kernels = library.kernels_of(to_relax(convs(16, 32), X))
+    got = KernelLibrary(library).kernel_sum(kernels)
+    assert got.complete and got.own == got.kernels == len(kernels) and got.donors == 0
+    assert got.calls == sum(int(t.weight) for t in kernels)
+    assert got.ms == pytest.approx(sum(int(t.weight) * _record_ms(library, t) for t in kernels))
+
+
+def test_kernels_the_library_lacks_are_costed_from_their_nearest_tuned_neighbour(library):
+    lib = KernelLibrary(library)
+    base = lib.model_sum(to_relax(convs(16, 32), X))
+    small, large = (lib.model_sum(to_relax(convs(a, b), X)) for a, b in ((8, 16), (48, 96)))
+    for got in (small, large):  # shapes the library lacks: donors, scaled by their flops
+        assert got.complete and got.donors > 0 and got.own + got.donors == got.kernels
+    assert small.ms < base.ms < large.ms  # fewer channels: fewer flops, less time
+
+
+def test_a_prediction_is_the_kernel_sum_over_the_uncompressed_models_times_the_reference(
+        library):
+    lib, target = KernelLibrary(library), load_target("host")
+    base = lib.model_sum(to_relax(convs(16, 32), X))
+    small = lib.model_sum(to_relax(convs(8, 16), X))
+    p = lib.predict(to_relax(convs(8, 16), X), base, 2.0, target)
+    assert p.ratio == pytest.approx(small.ms / base.ms) and p.ratio < 1
+    assert p.ms == pytest.approx(2.0 * p.ratio)
+    assert p.source.estimate and p.source.reference_ms == 2.0
+    assert p.source.tuning == tuning_label(small.own, small.kernels, small.donors)
+    assert p.source.label.startswith("predicted:host:")
+
+
+def test_a_kernel_no_record_or_neighbour_costs_is_tuned_or_the_model_measured_whole(tmp_path):
+    target = load_target("host")
+    model = to_relax(convs(8, 16), X)
+    off = Compiler(target, tmp_path / "db", trials_per_task=0)  # an empty library, no tuning
+    got = KernelLibrary(off).model_sum(model)
+    assert got.ms == 0 and len(got.unknown) == got.kernels > 0 and not got.complete
+    assert KernelLibrary(off).predict(model, got, 2.0, target) is None  # measure it whole
+    tuning = Compiler(target, tmp_path / "db", trials_per_task=1)
+    lib = KernelLibrary(tuning)
+    p = lib.predict(model, got, 2.0, target)  # the base was not complete: still no figure
+    assert p is None and len(tuning.database) > 0  # but its kernels were tuned
+    base = lib.model_sum(model)
+    assert base.complete and base.own == base.kernels
+    p = lib.predict(model, base, 2.0, target)
+    assert p.ratio == pytest.approx(1.0) and p.ms == pytest.approx(2.0)

@@ -247,20 +247,28 @@ def test_optuna_dashboard_opens_the_study(tiny_run):
             assert "model.pt" in files and "trainable.pt" in files
 
 
-def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error(tmp_path):
-    """latency: predicted ranks trials from the per-layer table; every front point is then
-    compiled and timed whole, says so, and the table's error on them is in front.json."""
-    data = run_tiny(tmp_path / "r", trials=5, latency="predicted", early_stop=True)
+def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error(
+        tmp_path, monkeypatch):
+    """latency: predicted ranks trials by their kernels costed from the kernel library (the
+    baseline's, tuned; the rest from records or tuned neighbours); every front point is then
+    compiled and timed whole, says so, and the prediction's error on them is in front.json."""
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))  # its own tuned library
+    data = run_tiny(tmp_path / "r", trials=5, latency="predicted", early_stop=True,
+                    tune_trials_per_task=1, knobs=["rank"], sensitivity=False)
     assert data["points"]
     for p in data["points"]:
         assert p["latency_source"]["method"] == "measured"  # not "predicted"
-    table = data["latency_table"]
+    table = data["latency_prediction"]
     rows = {r["point"]: r for r in table["points"] if "error" not in r}
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")
     for p in data["points"]:  # each front point's latency is its whole-model measurement:
         own = study.trials[p["trial"]].user_attrs["latency_source"]["method"]
-        if own == "predicted":  # measured whole after the search, for the front
-            assert p["latency_ms"] == rows[p["trial"]]["measured_ms"]
+        retuned = {r["point"]: r for r in (data.get("transfer") or {}).get("points", [])
+                   if "error" not in r}
+        if own == "predicted":  # measured whole after the search, for the front (and where
+            # that ran transferred schedules, on its own tuned kernels after that)
+            final = retuned.get(p["trial"], rows[p["trial"]])
+            assert p["latency_ms"] == final["measured_ms"]
         else:  # the uncompressed model is measured whole during the search
             assert own == "measured" and p["trial"] not in rows
     # the reported error is that of the predictions against those measurements
@@ -270,6 +278,12 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
     sources = {t.user_attrs["latency_source"]["method"] for t in study.trials
                if t.state == optuna.trial.TrialState.COMPLETE}
     assert "predicted" in sources  # the search itself ran on predictions
+    for t in study.trials:  # a prediction: its kernel sum's ratio x the measured reference
+        a = t.user_attrs
+        if a.get("latency_source", {}).get("method") == "predicted":
+            reference = study.user_attrs["reference_latency_ms"]
+            assert a["latency_source"]["reference_ms"] == pytest.approx(reference)
+            assert a["latency_ms"] == pytest.approx(a["latency_ratio"] * reference)
     # the study finished its 5 trials; early stopping only prunes, with its reason
     assert len(study.trials) == 5
     for t in study.trials:
@@ -381,11 +395,14 @@ def test_recovery_steps_go_to_in_budget_points_on_or_within_the_margin_of_the_fr
     assert [p.trial for p in due(points, {"1": {}, "5": {}}, margin=0.02)] == [2]  # done: kept
 
 
-def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path):
+def test_front_points_on_transferred_schedules_are_tuned_and_timed_again(tmp_path,
+                                                                         monkeypatch):
     """A trial's kernels the library lacks run a neighbour's schedule (transfer); before the
     front is written, the feasible front points that did are tuned and timed again, so the
     figures a user picks from (and exports) are on their own tuned kernels; front.json says
     how far the transferred figures were."""
+    # a library of this run's own (what other tests tuned would cover the seeds' kernels)
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
     data = run_tiny(tmp_path / "r", budget_ms=1000.0, trials=4, tune_trials_per_task=2,
                     sensitivity=False, ip_seeds=[])
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'r/study.db'}")

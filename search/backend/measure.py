@@ -90,9 +90,12 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
         reference = model.eval()(*as_inputs(example))
         more = [(x, model(*as_inputs(x))) for x in checks]
     mod = to_relax(model, example)
-    with device_lock(target):
+
+    def build_and_time(transfer: bool | None) -> tuple[Compiled, Latency, float]:
+        """Compile (transfer: None, the compiler's own choice), check and time."""
         start = time.perf_counter()
-        compiled = compiler.compile(mod, progress)
+        compiled = compiler.compile(mod, progress) if transfer is None else \
+            compiler.compile(mod, progress, transfer=transfer)
         compile_s = time.perf_counter() - start
         if compiled.int8_kernels < int8_layers:
             raise TrialFailed(f"{int8_layers - compiled.int8_kernels} of {int8_layers} int8 "
@@ -101,18 +104,18 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
         latency = run_and_time(compiled.executable, example, reference,
                                settings or target.measurement, target.device(), atol=atol,
                                anchor=anchor, more=more)
+        return compiled, latency, compile_s
+
+    with device_lock(target):
+        compiled, latency, compile_s = build_and_time(None)
         if compiled.transferred and latency.ratio is not None and \
                 latency.ratio > SUSPECT_RATIO and compiler.can_tune:
             # NOTE: a neighbour's schedule can be far off (bench/RESULTS.md 13.20: 3.2x, where
             # 13.8 saw at most 1.32x); a candidate it makes slower than the uncompressed model
             # would mislead the sampler and fall off the front unretimed: it gets its own
             # kernels tuned, and is timed again
-            start = time.perf_counter()
-            compiled = compiler.compile(mod, progress, transfer=False)
-            compile_s += time.perf_counter() - start
-            latency = run_and_time(compiled.executable, example, reference,
-                                   settings or target.measurement, target.device(), atol=atol,
-                                   anchor=anchor, more=more)
+            compiled, latency, retune_s = build_and_time(False)
+            compile_s += retune_s
     source = Provenance.timed(target.name, compiled.tuned, compiled.tasks, latency.emulated_by,
                               compiled.transferred)
     return Timed(latency, source, compiled, compile_s)

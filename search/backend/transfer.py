@@ -39,7 +39,7 @@ def _func(mod: Any) -> Any:
     return next(iter(mod.functions.values()))
 
 
-def _text(mod: Any) -> str:
+def kernel_text(mod: Any) -> str:
     """The kernel's TIR, without attributes (extraction and build annotate differently) and with
     its buffer names' numbering dropped (lv33 vs lv145 for the same kernel)."""
     text = _func(mod).script()
@@ -103,7 +103,7 @@ class ScheduleTransfer:
                 best[key] = (min(secs), rec)
         donors: dict[str, list[Donor]] = {}
         for secs, rec in best.values():
-            text = _text(rec.workload.mod)
+            text = kernel_text(rec.workload.mod)
             donors.setdefault(structure(text), []).append(Donor(extents(text), rec.trace, secs))
         self._donors, self._indexed = donors, stamp
 
@@ -118,7 +118,7 @@ class ScheduleTransfer:
         served = []
         for task in kernels:
             mod = task.dispatched[0]
-            text = _text(mod)
+            text = kernel_text(mod)
             if text not in self._chosen:
                 mine = extents(text)
                 donors = [d for d in self._donors.get(structure(text), [])
@@ -143,7 +143,7 @@ class ScheduleTransfer:
         chosen = self._chosen
 
         def schedule(sch: Any) -> bool:
-            trace = chosen.get(_text(sch.mod))
+            trace = chosen.get(kernel_text(sch.mod))
             if trace is None:
                 return False
             try:

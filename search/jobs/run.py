@@ -20,6 +20,7 @@ import optuna
 from tqdm import tqdm
 
 from search.backend.compile import Compiler
+from search.backend.measure import Anchor
 from search.core.errors import SearchFailed, UserError
 from search.core.files import writable_folder
 from search.core.task import PYTHON_TASK, Task, load_task, resolve_entry_point
@@ -112,7 +113,8 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     otherwise the config's entry point builds it."""
     setup_threads(target, workers)
     config = info.config
-    say = print if show_progress else (lambda *a, **k: None)
+    # (tqdm.write: a message printed while a bar is drawn gets its own line)
+    say: Callable[[str], None] = tqdm.write if show_progress else (lambda _: None)
     start = time.perf_counter()
     say(f"task {config.task}: loading (the default model trains once, then is cached) ...")
     task = task if task is not None else load_task(config.task, **config.task_args)
@@ -132,17 +134,18 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     trials_bar.update(min(finished_count(study), config.trials))
     bad_workers: list[int] = []
     compiler: Compiler | None = None
+    anchor: Anchor | None = None  # the trials' (when they ran here): later timings reuse it
     store = info.store(run_dir)
 
     def work_here() -> None:
-        nonlocal compiler
+        nonlocal compiler, anchor
         compiler = compiler or make_compiler(target, config, run_dir)
         tune_bar = tqdm(total=0, desc="tuning", unit="cand", position=1, leave=False,
                         disable=not show_progress, dynamic_ncols=True)
         try:
-            work(study, space, run_dir, task, target, compiler, info.budget_ms, config,
-                 store, on_trial=progress_callback(trials_bar, info),
-                 progress=tune_bar)
+            anchor = work(study, space, run_dir, task, target, compiler, info.budget_ms,
+                          config, store, on_trial=progress_callback(trials_bar, info),
+                          progress=tune_bar) or anchor
         finally:
             tune_bar.close()
 
@@ -155,31 +158,32 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
             settle(study, config, work_here, say=say)
     finally:
         trials_bar.close()
-    latency_table = None
+    prediction = None
     if config.latency == "predicted":  # the front's predicted points, compiled and timed whole
         say("measuring the front's points whole (their latency was predicted) ...")
-        latency_table = measure_front(study, run_dir, task, target,
-                                      make_compiler(target, config, run_dir), info.budget_ms)
+        prediction = measure_front(study, run_dir, task, target,
+                                   make_compiler(target, config, run_dir), info.budget_ms,
+                                   anchor=anchor)
     transfer = None
     if config.transfer and config.tune_trials_per_task > 0:  # the figures a user picks from:
         # on their own tuned kernels, not a neighbour's schedules
         transfer = tune_front(study, run_dir, task, target,
                               make_compiler(target, config, run_dir, transfer=False),
-                              info.budget_ms, say=say)
+                              info.budget_ms, say=say, anchor=anchor)
     with tqdm(total=0, desc="recovery steps", unit="point", leave=False,
               disable=not show_progress, dynamic_ncols=True) as bar:
         recover_front(study, run_dir, task, config, info.budget_ms, store, progress=bar,
                       say=say)
     data = write_front(run_dir, study, info.budget_ms, target.name, store)
-    if latency_table is not None:
-        data["latency_table"] = latency_table
+    if prediction is not None:
+        data["latency_prediction"] = prediction
     if transfer is not None:
         data["transfer"] = transfer
     failure = why_no_result(study)
     # (the reference times the uncompressed model: pointless, and may fail, if it did)
     data["reference"] = reference_latency(
         task, target, config, lambda: make_compiler(target, config, run_dir),
-        study.user_attrs.get(REFERENCE)) if data["baseline"] else None
+        study.user_attrs.get(REFERENCE), anchor) if data["baseline"] else None
     data["tuning"] = tuning_summary(study, config, tuning_dir(target))
     data["workers"] = workers
     data["wall_s"] = round(time.perf_counter() - start, 1)
@@ -324,7 +328,8 @@ def refresh_front(run_dir: Path, info: RunInfo) -> dict[str, Any]:
         old = json.loads((run_dir / "front.json").read_text())
     data = write_front(run_dir, study, info.budget_ms, target.name, info.store(run_dir))
     data["tuning"] = tuning_summary(study, info.config, tuning_dir(target))
-    for key in ("reference", "workers", "wall_s", "latency_table", "transfer"):
+    for key in ("reference", "workers", "wall_s", "latency_prediction", "transfer",
+                "latency_table"):  # (latency_table: runs before search.backend.predict)
         if isinstance(old, dict) and key in old:
             data[key] = old[key]
     data.setdefault("reference", None)
@@ -343,12 +348,13 @@ def tuning_summary(study: optuna.Study, config: SearchConfig, db_dir: Path) -> d
 
 
 def reference_latency(task: Task, target: TargetSpec, config: SearchConfig,
-                      compiler: Callable[[], Compiler], reference_ms: float | None
-                      ) -> dict[str, Any] | None:
+                      compiler: Callable[[], Compiler], reference_ms: float | None,
+                      anchor: Anchor | None = None) -> dict[str, Any] | None:
     """The uncompressed model under ONNX Runtime fp32: how good our compiled latency is. Timed
     as the trials are, so the front compares like with like: round by round with the
     uncompressed TVM model (its fastest round over TVM's fastest, times the study's reference),
-    or alone (the median of its rounds) where trials were timed alone."""
+    or alone (the median of its rounds) where trials were timed alone. `anchor`: the one the
+    trials were timed against, if this process has it (else one is compiled)."""
     from search.backend.measure import compile_anchor, time_against_anchor
     from search.backend.onnx import ort_session_bytes, ort_timer, time_onnxruntime
     from search.backend.provenance import Provenance
@@ -361,7 +367,7 @@ def reference_latency(task: Task, target: TargetSpec, config: SearchConfig,
         return {"uncompressed_onnxruntime_fp32_ms": time_onnxruntime(onnx, task.example,
                                                                      target.measurement),
                 "timing": "alone", "source": source.to_dict()}
-    anchor = compile_anchor(task.model, task.example, compiler(), target)
+    anchor = anchor or compile_anchor(task.model, task.example, compiler(), target)
     latency = time_against_anchor(ort_timer(onnx, task.example, target.measurement), anchor,
                                   target)
     ratio = float(latency.ratio)

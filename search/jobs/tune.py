@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.backend.compile import Compiler, to_relax
-from search.backend.latency_table import deployed_form
+from search.backend.predict import deployed_form
 from search.compress.build import restructure
 from search.compress.policy import LayerPolicy, Policy
 from search.compress.space import LayerSpace, uniform

@@ -50,12 +50,13 @@ def write_front(run_dir: Path, study: optuna.Study, budget_ms: float, target: st
                              p.latency_p25_ms, p.latency_p75_ms, p.latency_source.label,
                              p.size_bytes, p.ideal_size_bytes, p.params, p.flops, p.feasible])
     on_front = {p.trial for p in front}
-    for p in points:  # dominated now means dominated forever: their weights are not needed
-        if p.trial not in on_front:
-            for name in WEIGHTS:
-                (run_dir / "trials" / f"{p.trial:04d}" / name).unlink(missing_ok=True)
-            if store is not None:
-                drop_trial_files(study, store, p.trial, WEIGHTS)
+    # dominated now means dominated forever: their weights are not needed
+    dominated = [p.trial for p in points if p.trial not in on_front]
+    for trial in dominated:
+        for name in WEIGHTS:
+            (run_dir / "trials" / f"{trial:04d}" / name).unlink(missing_ok=True)
+    if store is not None:
+        drop_trial_files(study, store, dominated, WEIGHTS)
     policies = run_dir / "front"
     shutil.rmtree(policies, ignore_errors=True)
     policies.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
@@ -110,12 +111,18 @@ def fetch_trial_file(study: optuna.Study, store: ArtifactStore, trial: int, name
     return dest
 
 
-def drop_trial_files(study: optuna.Study, store: ArtifactStore, trial: int,
+def drop_trial_files(study: optuna.Study, store: ArtifactStore, trials: Iterable[int],
                      names: tuple[str, ...]) -> None:
-    """Remove a trial's files `names` from the store (a dominated point's weights), those
-    written after it finished (the front's recovery steps) too."""
-    late = {study_file_name(trial, n) for n in names}
-    for meta in [*_trial_files(study, trial), *get_all_artifact_meta(study)]:
-        if meta.filename in names or meta.filename in late:
-            with contextlib.suppress(ArtifactNotFound):
-                store.remove(meta.artifact_id)
+    """Remove the trials' files `names` from the store (dominated points' weights), those
+    written after they finished (the front's recovery steps) too. The study's own list of
+    files is read once, whatever the number of trials."""
+    trials = list(trials)
+    if not trials:
+        return
+    late = {study_file_name(t, n) for t in trials for n in names}
+    metas = [m for m in get_all_artifact_meta(study) if m.filename in late]
+    for trial in trials:
+        metas += [m for m in _trial_files(study, trial) if m.filename in names]
+    for meta in metas:
+        with contextlib.suppress(ArtifactNotFound):
+            store.remove(meta.artifact_id)

@@ -50,9 +50,9 @@ class SearchConfig:
     startup_trials: int = 6  # trials before TPE models the space (the seeds count)
     interleave: bool = True  # time each candidate round by round with the uncompressed model
     # and report fastest round / its fastest round x the study's reference (processes agree)
-    latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: from
-    # the per-layer latency table while searching (search.backend.latency_table); front points
-    # are measured whole
+    latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: its
+    # kernels costed from the kernel library while searching (search.backend.predict; needs
+    # interleave, else measured), front points then measured whole
     early_stop: bool = False  # stop fine-tunes a completed trial dominates (study.early_stop)
     sampler: str = "tpe"  # tpe | random | nsga2 (Optuna samplers)
     plugins: list[str] = field(default_factory=list)  # modules imported first: knobs of your own

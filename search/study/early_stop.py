@@ -1,7 +1,7 @@
 """Early stopping of hopeless trials during the fine-tune, decided from the study's own data.
 
 A candidate's latency and size are known before it is fine-tuned (they depend on its structure
-and precision, not on its weights: latency predicted from search.backend.latency_table, or measured
+and precision, not on its weights: latency predicted from search.backend.predict, or measured
 first), so only its accuracy is still open while it fine-tunes. At a few checkpoints (by
 default 1/3 and 2/3 of the steps) its validation accuracy is taken; if some completed trial is
 at least as fast, at least as small and more accurate than this candidate could still reach

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from search.backend.compile import Compiler, to_relax
-from search.backend.latency_table import LatencyTable, deployed_form
 from search.backend.measure import Anchor, Latency, compile_anchor, compile_and_time
+from search.backend.predict import KernelLibrary, KernelSum, deployed_form
 from search.backend.provenance import Provenance
 from search.compress.build import apply_precision, output_tolerance, restructure
 from search.compress.policy import Policy
@@ -74,9 +74,9 @@ class Evaluator:
         self.teacher = Teacher(task.model, task.train)
         # beside the example, the compiled output is checked against PyTorch's on these
         self.checks = check_inputs(task.train, task.example)
-        # predicted latency while searching: a per-layer table next to the tuning database
-        self.table = LatencyTable.for_compiler(compiler) if config.latency == "predicted" \
-            else None
+        # predicted latency while searching: the candidate's kernels costed from the library
+        self.library = KernelLibrary(compiler) if config.latency == "predicted" else None
+        self._base: KernelSum | None = None  # the uncompressed model's kernels, costed
         self._anchor: Anchor | None = None
         # the study's reference latency of the uncompressed model (ms): the caller sets it from
         # the study; None until one candidate was timed, whose anchor time then becomes it
@@ -93,6 +93,19 @@ class Evaluator:
                                           self.target)
         return self._anchor
 
+    def base_sum(self) -> KernelSum:
+        """The uncompressed model's kernels costed from the library (once complete)."""
+        assert self.library is not None
+        if self._base is None or not self._base.complete:
+            self._base = self.library.model_sum(to_relax(self.task.model.eval(),
+                                                         self.task.example))
+        return self._base
+
+    @property
+    def compiled_anchor(self) -> Anchor | None:
+        """The anchor if this process compiled one (for the run's later timings), else None."""
+        return self._anchor
+
     def __call__(self, policy: Policy, progress: Any | None = None,
                  hopeless: Hopeless | None = None, curve: dict[str, float] | None = None
                  ) -> tuple[TrialResult, nn.Module]:
@@ -106,15 +119,16 @@ class Evaluator:
         task = self.task
         model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())
-        predicted, known, table_s = None, None, 0.0
-        if self.table is not None:  # latency and size are known before the fine-tune
+        predicted, known, predict_s = None, None, 0.0
+        if self.library is not None and not identity and self.reference_ms is not None:
+            # latency and size known before the fine-tune (the baseline, measured whole, set
+            # the reference); a candidate whose kernels cannot all be costed is measured whole
             start = time.perf_counter()
-            shape = deployed_form(model, policy, task.train)
-            self.table.measure_missing(shape, task.example, self.compiler, self.target,
-                                       progress=progress)
-            predicted = self.table.predict(shape, task.example, family=task.name)
-            known = self.compiler.weight_bytes(to_relax(shape, task.example))
-            table_s = time.perf_counter() - start
+            mod = to_relax(deployed_form(model, policy, task.train), task.example)
+            predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
+                                             self.target, progress)
+            known = self.compiler.weight_bytes(mod)
+            predict_s = time.perf_counter() - start
         start = time.perf_counter()
         if not identity:
             options = self.config.finetune_options()
@@ -137,11 +151,11 @@ class Evaluator:
             test_accuracy = evaluate(model, task.test, task.metric)
         finetune_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
-        if predicted is not None and not identity:  # (the baseline is measured whole below)
-            latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0)
+        if predicted is not None:
+            latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0, ratio=predicted.ratio)
             return TrialResult(val_accuracy, test_accuracy, latency, predicted.source, stats,
-                               known.total, known.by_dtype, finetune_s, table_s,
-                               0.0, len(predicted.per_layer), 0), model
+                               known.total, known.by_dtype, finetune_s, predict_s,
+                               0.0, predicted.kernels.kernels, 0), model
 
         anchor = self.anchor()
         timed = compile_and_time(model, task.example, self.compiler, self.target,
@@ -152,9 +166,6 @@ class Evaluator:
             if self.reference_ms is None:
                 self.reference_ms = latency.anchor_ms
             latency, source = latency.scaled(self.reference_ms), source.scaled(self.reference_ms)
-        if self.table is not None:  # the uncompressed model: a record for the residual
-            self.table.record_whole(model, task.example, latency.median_ms, family=task.name,
-                                    note="uncompressed")
         return TrialResult(val_accuracy, test_accuracy, latency, source, stats,
                            compiled.weights.total, compiled.weights.by_dtype, finetune_s,
                            timed.compile_s,

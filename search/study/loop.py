@@ -24,8 +24,8 @@ import optuna
 import torch
 
 from search.backend.compile import Compiler
-from search.backend.latency_table import LatencyTable, error_report, verify_front
-from search.backend.measure import compile_anchor, compile_and_time
+from search.backend.measure import Anchor, compile_anchor, compile_and_time
+from search.backend.predict import error_report
 from search.compress.build import (
     output_tolerance,
 )
@@ -351,10 +351,12 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
          target: TargetSpec, compiler: Compiler, budget_ms: float, config: SearchConfig,
          store: ArtifactStore,
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-         progress: Any | None = None) -> None:
+         progress: Any | None = None) -> Anchor | None:
     """Run trials until the study has `config.trials` finished or claimed (by any worker) or
     `config.timeout` passed. Several processes may call this on one study: Optuna's storage
-    hands each waiting (seed) trial to one of them, and trial numbers are the storage's."""
+    hands each waiting (seed) trial to one of them, and trial numbers are the storage's.
+    Returns the anchor the trials were timed against, if one was compiled (the run's later
+    timings reuse it: compiling it again costs ~10 s)."""
     evaluator = Evaluator(task, target, compiler, config)
     objective = objective_factory(evaluator, space, budget_ms, run_dir, progress, store)
     callbacks = [on_trial] if on_trial else []
@@ -371,6 +373,7 @@ def work(study: optuna.Study, space: list[LayerSpace], run_dir: Path, task: Task
         # NOTE: only a candidate's own failure is caught (recorded FAIL, the study goes on);
         # anything else is recorded FAIL by Optuna and raised: a bug stops the run
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+    return evaluator.compiled_anchor
 
 
 def running_elsewhere(study: optuna.Study) -> int:
@@ -404,34 +407,57 @@ def settle(study: optuna.Study, config: SearchConfig, again: Callable[[], None],
         time.sleep(poll_s)
 
 
-def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
-                  compiler: Compiler, budget_ms: float, rounds: int = 5) -> dict[str, Any]:
-    """Compile and time whole each front point whose latency was predicted, until the front
-    (recomputed with the measured figures) has none left; report the table's error on them.
-    The figures are a study user attr (`front_measured`: a finished trial's attrs are frozen),
-    which `search.report.front.points_of` reads in place of the predicted ones."""
-    from search.study.points import pareto, points_of
+def _time_whole(point: Any, task: Task, run_dir: Path, compiler: Compiler,
+                target: TargetSpec, anchor: Anchor, checks: Any, was: str) -> dict[str, Any]:
+    """A front point compiled and timed whole as the trials are (round by round with the
+    uncompressed model, times the study's reference): a `front_measured` row, `was` naming the
+    figure it replaces (predicted_ms, transferred_ms)."""
     from search.study.runfolder import load_trial_model
 
-    table = LatencyTable.for_compiler(compiler)
+    model, policy = load_trial_model(run_dir, point.trial, task)
+    row: dict[str, Any] = {"point": point.trial, was: point.latency_ms}
+    try:
+        timed = compile_and_time(model, task.example, compiler, target,
+                                 atol=output_tolerance(policy), anchor=anchor, checks=checks)
+    except TrialFailed as exc:
+        return {**row, "error": str(exc)}
+    latency, source = timed.latency, timed.source
+    reference = point.latency_source.reference_ms
+    if latency.ratio is not None and reference:
+        latency, source = latency.scaled(reference), source.scaled(reference)
+    return {**row, "measured_ms": latency.median_ms,
+            "measured_iqr_ms": [latency.p25_ms, latency.p75_ms],
+            "rel_error": (point.latency_ms - latency.median_ms) / latency.median_ms,
+            "tuning_s": round(timed.compiled.tuning_s, 1), "source": source.to_dict()}
+
+
+def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
+                  compiler: Compiler, budget_ms: float, rounds: int = 5,
+                  anchor: Anchor | None = None) -> dict[str, Any]:
+    """Compile and time whole, as the trials are, each front point whose latency was
+    predicted, until the front (recomputed with the measured figures) has none left; report
+    the prediction's error on them. The figures are a study user attr (`front_measured`: a
+    finished trial's attrs are frozen), which `search.report.front.points_of` reads in place
+    of the predicted ones. `anchor`: the one the trials were timed against, if this process
+    has it."""
+    from search.study.points import pareto, points_of
+
     measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
+    checks = check_inputs(task.train, task.example)
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
                 if p.latency_source.estimate and str(p.trial) not in measured]
         if not todo:
             break
-        items = []
+        anchor = anchor or compile_anchor(task.model, task.example, compiler, target)
         for p in todo:
-            model, policy = load_trial_model(run_dir, p.trial, task)
-            items.append((p.trial, model, p.latency_ms, output_tolerance(policy)))
-        new_rows, _ = verify_front(items, task.example, table, compiler, target, task.name)
-        for row in new_rows:
-            measured[str(row["point"])] = row
+            measured[str(p.trial)] = _time_whole(p, task, run_dir, compiler, target, anchor,
+                                                 checks, "predicted_ms")
         study.set_user_attr("front_measured", measured)
     done = [r for r in measured.values() if "error" not in r and "predicted_ms" in r]
     report = error_report((r["predicted_ms"], r["measured_ms"]) for r in done)
-    study.set_user_attr("latency_table_error", report)
-    return {"points": list(measured.values()), "error": report}
+    study.set_user_attr("latency_prediction_error", report)
+    return {"points": [r for r in measured.values() if "predicted_ms" in r], "error": report}
 
 
 # front points this far over the budget are retimed too: transferred schedules measured up to
@@ -442,54 +468,40 @@ RETIME_MARGIN = 1.35
 
 def tune_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
                compiler: Compiler, budget_ms: float, rounds: int = 5,
-               say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+               say: Callable[[str], None] = lambda _: None, anchor: Anchor | None = None
+               ) -> dict[str, Any]:
     """Tune the kernels of each front point that ran transferred schedules
     (search.backend.transfer), within the budget or RETIME_MARGIN of it, and time it again
     whole, as in the search (round by round with the uncompressed model, times the study's
     reference), until such front points have none left; report how far the transferred
     figures were from the tuned ones. `compiler` must
-    tune and not transfer. The figures go where measure_front's do (`front_measured`), so the
+    tune and not transfer; `anchor`: the one the trials were timed against, if this process
+    has it. The figures go where measure_front's do (`front_measured`), so the
     front, the table and `export` then agree on tuned kernels."""
     from search.study.points import pareto, points_of
-    from search.study.runfolder import load_trial_model
 
     measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
     checks = check_inputs(task.train, task.example)
-    anchor = None
+    told = False
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
                 if p.latency_ms <= RETIME_MARGIN * budget_ms and p.latency_source.transferred
                 and "error" not in measured.get(str(p.trial), {})]
         if not todo:
             break
-        if anchor is None:
+        if not told:
             say(f"tuning the kernels of {len(todo)} front point(s) that ran transferred "
                 f"schedules, and timing them again ...")
+            told = True
         anchor = anchor or compile_anchor(task.model, task.example, compiler, target)
         for p in todo:
-            model, policy = load_trial_model(run_dir, p.trial, task)
-            row: dict[str, Any] = {"point": p.trial, "transferred_ms": p.latency_ms}
-            try:
-                timed = compile_and_time(model, task.example, compiler, target,
-                                         atol=output_tolerance(policy), anchor=anchor,
-                                         checks=checks)
-            except TrialFailed as exc:
-                measured[str(p.trial)] = {**row, "error": str(exc)}
-                continue
-            latency, source = timed.latency, timed.source
-            reference = p.latency_source.reference_ms
-            if latency.ratio is not None and reference:
-                latency, source = latency.scaled(reference), source.scaled(reference)
-            measured[str(p.trial)] = {
-                **row, "measured_ms": latency.median_ms,
-                "measured_iqr_ms": [latency.p25_ms, latency.p75_ms],
-                "rel_error": (p.latency_ms - latency.median_ms) / latency.median_ms,
-                "tuning_s": round(timed.compiled.tuning_s, 1), "source": source.to_dict()}
+            measured[str(p.trial)] = _time_whole(p, task, run_dir, compiler, target, anchor,
+                                                 checks, "transferred_ms")
         study.set_user_attr("front_measured", measured)
     done = [r for r in measured.values() if "error" not in r and "transferred_ms" in r]
     report = error_report((r["transferred_ms"], r["measured_ms"]) for r in done)
     study.set_user_attr("transfer_error", report)
-    if anchor is not None and report["n"]:
+    if told and report["n"]:
         say(f"{report['n']} front point(s) retimed on their own tuned kernels: the transferred "
             f"schedules' figures were off by {100 * report['median_rel_error']:+.1f}% (median; "
             f"largest {100 * report['max_abs_rel_error']:.1f}%); the front reports the tuned "
