@@ -29,6 +29,7 @@ from search.report.front import write_front
 from search.study.artifacts import DEFAULT_FOLDER
 from search.study.config import SearchConfig
 from search.study.loop import REFERENCE, measure_front, prepare_study, settle, tune_front, work
+from search.study.points import RECOVERED
 from search.study.recovery import recover_front
 from search.study.runfolder import RunInfo, setup_threads, tuning_dir
 from search.study.storage import (
@@ -158,22 +159,29 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
             settle(study, config, work_here, say=say)
     finally:
         trials_bar.close()
-    prediction = None
-    if config.latency == "predicted":  # the front's predicted points, compiled and timed whole
-        say("measuring the front's points whole (their latency was predicted) ...")
-        prediction = measure_front(study, run_dir, task, target,
-                                   make_compiler(target, config, run_dir), info.budget_ms,
-                                   anchor=anchor)
-    transfer = None
-    if config.transfer and config.tune_trials_per_task > 0:  # the figures a user picks from:
-        # on their own tuned kernels, not a neighbour's schedules
-        transfer = tune_front(study, run_dir, task, target,
-                              make_compiler(target, config, run_dir, transfer=False),
-                              info.budget_ms, say=say, anchor=anchor)
-    with tqdm(total=0, desc="recovery steps", unit="point", leave=False,
-              disable=not show_progress, dynamic_ncols=True) as bar:
-        recover_front(study, run_dir, task, config, info.budget_ms, store, progress=bar,
-                      say=say)
+    prediction, transfer = None, None
+    measure = config.latency == "predicted"  # the front's predicted points: timed whole
+    retune = config.transfer and config.tune_trials_per_task > 0  # the figures a user picks
+    # from: on their own tuned kernels, not a neighbour's schedules
+    # NOTE: each step can move points onto the front the others act on (recovery raises a
+    # point's accuracy, a whole-model timing moves its latency): rounds until one changes
+    # nothing, so no front point is left predicted, transferred near the budget or unrecovered
+    for _ in range(FRONT_ROUNDS):
+        before = _front_work(study)
+        if measure:
+            prediction = measure_front(study, run_dir, task, target,
+                                       make_compiler(target, config, run_dir),
+                                       info.budget_ms, anchor=anchor, say=say)
+        if retune:
+            transfer = tune_front(study, run_dir, task, target,
+                                  make_compiler(target, config, run_dir, transfer=False),
+                                  info.budget_ms, say=say, anchor=anchor)
+        with tqdm(total=0, desc="recovery steps", unit="point", leave=False,
+                  disable=not show_progress, dynamic_ncols=True) as bar:
+            recover_front(study, run_dir, task, config, info.budget_ms, store, progress=bar,
+                          say=say)
+        if _front_work(study) == before:
+            break
     data = write_front(run_dir, study, info.budget_ms, target.name, store)
     if prediction is not None:
         data["latency_prediction"] = prediction
@@ -195,6 +203,15 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
                            f"{run_dir / 'worker-logs'}); the front of the trials that "
                            f"finished is in {run_dir / 'front.json'}")
     return data
+
+
+FRONT_ROUNDS = 4  # rounds of timing, retuning and recovering the front (each usually ends it)
+
+
+def _front_work(study: optuna.Study) -> tuple[int, int]:
+    """How many points were timed again whole and given recovery steps so far."""
+    attrs = study.user_attrs
+    return len(attrs.get("front_measured", {})), len(attrs.get(RECOVERED, {}))
 
 
 def past_deadline(config: SearchConfig, start: float) -> bool:

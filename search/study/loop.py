@@ -433,31 +433,38 @@ def _time_whole(point: Any, task: Task, run_dir: Path, compiler: Compiler,
 
 def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpec,
                   compiler: Compiler, budget_ms: float, rounds: int = 5,
-                  anchor: Anchor | None = None) -> dict[str, Any]:
+                  anchor: Anchor | None = None, say: Callable[[str], None] = lambda _: None
+                  ) -> dict[str, Any]:
     """Compile and time whole, as the trials are, each front point whose latency was
     predicted, until the front (recomputed with the measured figures) has none left; report
     the prediction's error on them. The figures are a study user attr (`front_measured`: a
     finished trial's attrs are frozen), which `search.report.front.points_of` reads in place
-    of the predicted ones. `anchor`: the one the trials were timed against, if this process
-    has it."""
+    of the predicted ones; `front_predicted` keeps each row as measured here (tune_front may
+    replace the figure), and the error is over those. A point that fails whole is no point
+    (points_of). `anchor`: the one the trials were timed against, if this process has it."""
     from search.study.points import pareto, points_of
 
     measured: dict[str, Any] = dict(study.user_attrs.get("front_measured", {}))
+    checked: dict[str, Any] = dict(study.user_attrs.get("front_predicted", {}))  # (kept when
+    # tune_front replaces a point's figure with its tuned kernels')
     checks = check_inputs(task.train, task.example)
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
-                if p.latency_source.estimate and str(p.trial) not in measured]
+                if p.latency_source.estimate and str(p.trial) not in checked]
         if not todo:
             break
+        say(f"timing {len(todo)} front point(s) whole (their latency was predicted) ...")
         anchor = anchor or compile_anchor(task.model, task.example, compiler, target)
         for p in todo:
-            measured[str(p.trial)] = _time_whole(p, task, run_dir, compiler, target, anchor,
-                                                 checks, "predicted_ms")
+            row = _time_whole(p, task, run_dir, compiler, target, anchor, checks,
+                              "predicted_ms")
+            measured[str(p.trial)] = checked[str(p.trial)] = row
         study.set_user_attr("front_measured", measured)
-    done = [r for r in measured.values() if "error" not in r and "predicted_ms" in r]
+        study.set_user_attr("front_predicted", checked)
+    done = [r for r in checked.values() if "error" not in r]
     report = error_report((r["predicted_ms"], r["measured_ms"]) for r in done)
     study.set_user_attr("latency_prediction_error", report)
-    return {"points": [r for r in measured.values() if "predicted_ms" in r], "error": report}
+    return {"points": list(checked.values()), "error": report}
 
 
 # front points this far over the budget are retimed too: transferred schedules measured up to
@@ -486,7 +493,7 @@ def tune_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpe
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
                 if p.latency_ms <= RETIME_MARGIN * budget_ms and p.latency_source.transferred
-                and "error" not in measured.get(str(p.trial), {})]
+                and not {"error", "retune_error"} & set(measured.get(str(p.trial), {}))]
         if not todo:
             break
         if not told:
@@ -495,8 +502,12 @@ def tune_front(study: optuna.Study, run_dir: Path, task: Task, target: TargetSpe
             told = True
         anchor = anchor or compile_anchor(task.model, task.example, compiler, target)
         for p in todo:
-            measured[str(p.trial)] = _time_whole(p, task, run_dir, compiler, target, anchor,
-                                                 checks, "transferred_ms")
+            row = _time_whole(p, task, run_dir, compiler, target, anchor, checks,
+                              "transferred_ms")
+            earlier = measured.get(str(p.trial))
+            if "error" in row and earlier is not None:  # (its whole figure stands)
+                row = {**earlier, "retune_error": row["error"]}
+            measured[str(p.trial)] = row
         study.set_user_attr("front_measured", measured)
     done = [r for r in measured.values() if "error" not in r and "transferred_ms" in r]
     report = error_report((r["transferred_ms"], r["measured_ms"]) for r in done)

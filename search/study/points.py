@@ -64,6 +64,8 @@ def points_of(study: optuna.Study, budget_ms: float, run_dir: Path) -> list[Poin
             a.update(val_accuracy=r["val_accuracy"], test_accuracy=r["test_accuracy"],
                      recovered_steps=r["steps"])
         m = measured.get(str(t.number))
+        if m and "error" in m and "predicted_ms" in m:  # a predicted candidate that failed to
+            continue  # compile or run whole: not a point (a measured trial would have failed)
         if m and "error" not in m:
             a.update(latency_ms=m["measured_ms"], latency_p25_ms=m["measured_iqr_ms"][0],
                      latency_p75_ms=m["measured_iqr_ms"][1], latency_source=m["source"])
