@@ -166,16 +166,18 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
     # NOTE: each step can move points onto the front the others act on (recovery raises a
     # point's accuracy, a whole-model timing moves its latency): rounds until one changes
     # nothing, so no front point is left predicted, transferred near the budget or unrecovered
+    # (each compiler built once: loading the tuning database takes 12-16 s)
+    if measure:
+        compiler = compiler or make_compiler(target, config, run_dir)  # (the trials' own)
+    own_kernels = make_compiler(target, config, run_dir, transfer=False) if retune else None
     for _ in range(FRONT_ROUNDS):
         before = _front_work(study)
         if measure:
-            prediction = measure_front(study, run_dir, task, target,
-                                       make_compiler(target, config, run_dir),
-                                       info.budget_ms, anchor=anchor, say=say)
-        if retune:
-            transfer = tune_front(study, run_dir, task, target,
-                                  make_compiler(target, config, run_dir, transfer=False),
-                                  info.budget_ms, say=say, anchor=anchor)
+            prediction = measure_front(study, run_dir, task, target, compiler, info.budget_ms,
+                                       anchor=anchor, say=say)
+        if own_kernels is not None:
+            transfer = tune_front(study, run_dir, task, target, own_kernels, info.budget_ms,
+                                  say=say, anchor=anchor)
         with tqdm(total=0, desc="recovery steps", unit="point", leave=False,
                   disable=not show_progress, dynamic_ncols=True) as bar:
             recover_front(study, run_dir, task, config, info.budget_ms, store, progress=bar,

@@ -127,7 +127,7 @@ class Evaluator:
             mod = to_relax(deployed_form(model, policy, task.train), task.example)
             predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
                                              self.target, progress)
-            known = self.compiler.weight_bytes(mod)
+            known = self.compiler.weight_bytes(mod) if predicted is not None else None
             predict_s = time.perf_counter() - start
         start = time.perf_counter()
         if not identity:
