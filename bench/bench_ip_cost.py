@@ -1,6 +1,7 @@
 """Where the integer program's seeds land: solved with the estimated cost (multiply-adds x a
-precision factor) and with the measured one (each layer's ops per option, timed on the target:
-search.study.layer_cost), each seed built and timed whole against the uncompressed model.
+precision factor) and with the kernel library's (each layer's options costed from the target's
+tuning records: search.study.layer_cost), each seed built and timed whole against the
+uncompressed model.
 
     python bench/bench_ip_cost.py [--task search.tasks:mobilenet_v2] [--fractions 0.3,0.45,0.6,0.75]
 
@@ -9,7 +10,7 @@ the target's tuning database (build the library first with `search tune`); seeds
 untrained (latency does not depend on the weights), interleaved with the uncompressed model
 (the fastest-round ratio, as a trial's figure). Printed: per cost and fraction, the summed
 sensitivity the program predicts, the cost fraction it solved for, and the latency measured
-(ratio to the uncompressed model); and what the measured costs took to time.
+(ratio to the uncompressed model); and what the library's costs took.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
     from search.jobs.run import make_compiler
     from search.study.allocate import allocate, modelled, options_of
     from search.study.config import SearchConfig
-    from search.study.layer_cost import measured_options
+    from search.study.layer_cost import library_options
     from search.study.sensitivity import cached_sensitivity, narrow_space
 
     config = SearchConfig()
@@ -54,16 +55,17 @@ def main() -> None:
     knobs = modelled(config.knobs)
     estimate = options_of(task.model, task.example, space, knobs, sens)
     start = time.perf_counter()
-    measured, how = measured_options(task, knobs, estimate, compiler,
-                                     progress=lambda n: tqdm(total=n, desc="layer ops"))
-    print(f"measured costs: {how['ops']} distinct ops, {how['measured_now']} timed now in "
-          f"{time.perf_counter() - start:.0f} s; kernels {', '.join(how['tuning'])}")
+    library, how = library_options(task, knobs, estimate, compiler,
+                                   progress=lambda n: tqdm(total=n, desc="options"))
+    print(f"library costs: {how['options']} options ({how['left_out']} left out), "
+          f"{how['kernels']} distinct kernels, {how['tuned_now']} tuned now, in "
+          f"{time.perf_counter() - start:.0f} s")
     fractions = [float(f) for f in args.fractions.split(",")]
     anchor = compile_anchor(task.model, task.example, compiler)
     print(f"{'cost':<9} {'fraction':>8} {'summed drop':>12} {'cost solved':>12} "
           f"{'measured / uncompressed':>24} {'weights':>8}")
     errors: dict[str, list[float]] = {}
-    for name, options in (("estimate", None), ("measured", measured)):
+    for name, options in (("estimate", None), ("library", library)):
         for a in allocate(task.model, task.example, space, config.knobs, sens, fractions,
                           options=options):
             model = build(task.model, a.policy, task.example, task.train, task.loss)

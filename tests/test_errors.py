@@ -194,7 +194,7 @@ def test_a_run_whose_baseline_failed_exits_non_zero_and_says_why(tmp_path, capfd
     ({"qat": "maybe"}, "qat must be true or false, e.g. true; got maybe (a string)"),
     ({"sensitivity": 1}, "sensitivity must be true or false, e.g. true; got 1 (an integer)"),
     ({"transfer": "always"}, "transfer must be true or false, e.g. true; got always (a string)"),
-    ({"ip_cost": "guess"}, "ip_cost must be estimate or measured; got 'guess'"),
+    ({"ip_cost": "guess"}, "ip_cost must be estimate or library; got 'guess'"),
     ({"distill_alpha": True}, "distill_alpha must be a number, e.g. 0.7; got true (a boolean)"),
     ({"trials": None}, "trials must be an integer, e.g. 16; got null"),
     ({"knobs": None}, "knobs must be a list of strings"),

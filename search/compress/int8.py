@@ -5,7 +5,7 @@ TVM's frontend makes of them to int8 x int8 -> int32 kernels."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -100,15 +100,6 @@ class Int8Linear(nn.Module):
     def stored_params(self) -> int:
         return self.weight_q.numel() + self.out_features
 
-    def latency_op(self, key_of: Callable[[nn.Module, bool], str], context: Mapping[str, Any]
-                   ) -> tuple[str, Callable[[], nn.Module]]:
-        """The per-layer latency table's key for this op, and a fresh op like it."""
-        n_in, n_out = self.in_features, self.out_features
-        act = ActQuant(float(self.act_scale), int(self.zero_point))
-        key = (f"int8linear[{context.get('int8_kind', 'plain')}](out={n_out},"
-               f"zp={int(act.zero_point != 0)})")
-        return key, lambda: Int8Linear(nn.Linear(n_in, n_out), act)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, "
                 f"act_scale={float(self.act_scale):.4g}, zero_point={int(self.zero_point)}")
@@ -184,15 +175,6 @@ class Int8Conv2d(nn.Module):
         """The conv's own parameter count: its weights, and a bias if it had one (the zero-point
         term alone makes no parameter; a folded BatchNorm leaves its shift as the bias)."""
         return self.weight_q.numel() + (self.out_channels if self.had_bias else 0)
-
-    def latency_op(self, key_of: Callable[[nn.Module, bool], str], context: Mapping[str, Any]
-                   ) -> tuple[str, Callable[[], nn.Module]]:
-        like = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups)
-        act = ActQuant(float(self.act_scale), int(self.zero_point))
-        key = (f"int8conv[{context.get('int8_kind', 'plain')}]|{key_of(like, True)}"
-               f"|zp={int(act.zero_point != 0)}")
-        return key, lambda: Int8Conv2d(like, act)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

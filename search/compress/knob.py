@@ -7,9 +7,8 @@ and what the sensitivity pass pairs it with. Policies, the search space, the bui
 counter, the fine-tune, the sensitivity pass, `search show` and the front all read knobs from
 here, so adding one is one module that subclasses Knob and calls `register`.
 
-Modules a knob puts into the model may carry two methods the later stages use:
-`stored_bytes()` (the byte counter counts the module by it) and `latency_op(where)` (the
-per-layer latency table keys and rebuilds the op by it).
+Modules a knob puts into the model may carry `stored_bytes()`: the byte counter counts the
+module by it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ weights that ship.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -65,20 +64,6 @@ class Half(nn.Module):
     def tolerance(self) -> float:
         """How far TVM's output of this layer may be from PyTorch's (bf16: 8 mantissa bits)."""
         return 1e-1 if self.dtype == torch.bfloat16 else 5e-2
-
-    def latency_op(self, key_of: Callable[[nn.Module, bool], str], context: Mapping[str, Any]
-                   ) -> tuple[str, Callable[[], nn.Module]]:
-        """The per-layer latency table's key for this op, and a fresh op like it."""
-        inner, bias, dtype = self.layer, self.bias is not None, self.dtype
-
-        def make() -> nn.Module:
-            fresh = nn.Conv2d(inner.in_channels, inner.out_channels, inner.kernel_size,
-                              inner.stride, inner.padding, inner.dilation, inner.groups, bias,
-                              inner.padding_mode) if isinstance(inner, nn.Conv2d) \
-                else nn.Linear(inner.in_features, inner.out_features, bias)
-            return Half(fresh, dtype)
-
-        return f"half[{str(dtype).removeprefix('torch.')}]|{key_of(inner, bias)}", make
 
 
 class Bits(Knob):

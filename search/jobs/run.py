@@ -210,10 +210,11 @@ def run_search(run_dir: Path, target: TargetSpec, info: RunInfo, resume: bool,
 FRONT_ROUNDS = 4  # rounds of timing, retuning and recovering the front (each usually ends it)
 
 
-def _front_work(study: optuna.Study) -> tuple[int, int]:
-    """How many points were timed again whole and given recovery steps so far."""
+def _front_work(study: optuna.Study) -> str:
+    """What the front's steps wrote so far (the points timed again whole, retuned, given
+    recovery steps): a round that changes it, a row replaced included, may change the front."""
     attrs = study.user_attrs
-    return len(attrs.get("front_measured", {})), len(attrs.get(RECOVERED, {}))
+    return json.dumps([attrs.get("front_measured"), attrs.get(RECOVERED)], sort_keys=True)
 
 
 def past_deadline(config: SearchConfig, start: float) -> bool:

@@ -14,11 +14,12 @@ An option o is one value of each searched knob. Decisions:
   0, and a drop below the table's resolution as half of it times the share of the layer's cost
   the option removes (an undetected loss is not no loss). An option with a value the table
   lacks is left out (sensitivity narrowed it away).
-- cost[l, o]: with `ip_cost: measured`, the layer's ops under that option compiled alone and
-  timed on the target (search.study.layer_cost); with `ip_cost: estimate`, an ESTIMATE: the
-  layer's multiply-adds in its compressed shape (rank, kept output channels at the target's
-  granularity) times a per-precision factor (PRECISION_COST). Either way only to propose
-  seeds: every seed is then built, fine-tuned and timed whole like any trial.
+- cost[l, o]: with `ip_cost: library`, the change of the kernel sum when only that layer takes
+  that option, costed from the target's kernel library (search.study.layer_cost); with
+  `ip_cost: estimate`, an ESTIMATE: the layer's multiply-adds in its compressed shape (rank,
+  kept output channels at the target's granularity) times a per-precision factor
+  (PRECISION_COST). Either way only to propose seeds: every seed is then built, fine-tuned
+  and timed whole like any trial.
 - bytes[l, o]: the layer's weights at its precision (params x bits / 8).
 - `per="block"`: one option per block (layers sharing a name up to their first index, e.g.
   `features.3`), for large models: the options common to all its layers, costs summed.
@@ -172,8 +173,8 @@ def allocate(model: nn.Module, example: Any, space: list[LayerSpace], knobs: lis
              size_fraction: float | None = None, per: str = "layer",
              options: Options | None = None) -> list[Allocation]:
     """One solution per latency fraction (infeasible ones are left out), duplicates once.
-    `options`: `options_of`'s, with measured costs (search.study.layer_cost) in place of the
-    estimate."""
+    `options`: `options_of`'s, with the library's costs (search.study.layer_cost) in place of
+    the estimate."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     knobs = modelled(knobs)

@@ -76,8 +76,8 @@ class SearchConfig:
     ip_seeds: list[float] = field(default_factory=lambda: [0.45, 0.6, 0.75])
     ip_size: float | None = None  # and weights at most this fraction of the uncompressed bytes
     ip_per: str = "layer"  # layer | block: one choice per block (large models)
-    # the program's latency cost: estimate (multiply-adds x a precision factor) | measured (each
-    # layer's ops under each option compiled alone and timed on the target, kept per target)
+    # the program's latency cost: estimate (multiply-adds x a precision factor) | library (each
+    # layer's options costed from the target's kernel library: search.study.layer_cost)
     ip_cost: str = "estimate"
 
     @classmethod
@@ -164,8 +164,8 @@ class SearchConfig:
                             f"{self.sampler!r}")
         if self.ip_per not in ("layer", "block"):
             raise UserError(f"{where}: ip_per must be layer or block; got {self.ip_per!r}")
-        if self.ip_cost not in ("estimate", "measured"):
-            raise UserError(f"{where}: ip_cost must be estimate or measured; got "
+        if self.ip_cost not in ("estimate", "library"):
+            raise UserError(f"{where}: ip_cost must be estimate or library; got "
                             f"{self.ip_cost!r}")
         if any(not 0 < f <= 1 for f in self.ip_seeds) or \
                 (self.ip_size is not None and not 0 < self.ip_size <= 1):

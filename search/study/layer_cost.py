@@ -1,83 +1,174 @@
-"""The integer program's latency cost, measured: each layer's op(s) under each of its options,
-compiled alone with the run's compiler and timed on the target (the per-layer latency table,
-search.backend.latency_table), in place of the multiply-add estimate.
+"""The integer program's latency cost from the kernel library (`ip_cost: library`): for each
+layer and option, how much the model's kernel sum changes when only that layer takes that
+option, its kernels costed by the library's records (search.backend.predict), in place of the
+multiply-add estimate.
 
 Why: on MobileNetV2 the estimate (MACs x a per-precision factor) is a poor latency model: seeds
 solved for 45-75 % of the estimated cost measured 0.87-0.98 of the uncompressed latency
 (bench/RESULTS.md 13.5), because 1x1 and depthwise kernels are memory-bound and a factorized
-layer adds a kernel. A timed op says that; a count of multiply-adds does not.
+layer adds a kernel. The library's records time the kernels a compile makes; a count of
+multiply-adds does not.
+
+    cost[l, o] = share[l] + delta[l, o]
+    share[l]    = the uncompressed model's kernel sum x the layer's part of the estimate
+                  (only the sum of the shares matters to the program's limit)
+    delta[l, o] = kernel sum of l's window with l at o - the same window uncompressed
 
 Decisions:
-- One option of one layer is built as the whole model with only that layer changed
-  (`search.compress.build`: the same restructure and precision steps a trial takes, int8
-  calibrated on the training split), and the ops at that layer's name are timed with the input
-  the uncompressed model gives it. So the cost of pruning a layer's output channels is its own
-  op's; the next layer's narrower input is not credited to it (the program is separable by
-  layer, as the estimate is).
-- Ops repeat across layers and options (channels and ranks on the target's granularity): each
-  distinct op is compiled and timed once and kept in the table next to the tuning database,
-  shared by every later run on the target. Kernels compile as a trial's do (their own records,
-  or schedules transferred from a tuned neighbour, the rest tuned).
-- The cost is still a sum of ops timed alone: activations, the VM's calls and the copies
-  between kernels are left out (13.6: a record sum was 0.56 of the whole). The seeds it gives
-  are built and timed whole like any trial.
+- The window: the child of the model's outermost nn.Sequential on the layer's path and the
+  child after it (MobileNetV2: the layer's inverted-residual block and the next block),
+  compiled alone with the input the uncompressed model gives it. Its kernels form as in the
+  whole model (conv + BatchNorm + activation, the residual add fused into the projection
+  conv): a layer alone makes other kernels (its epilogue differs), which the library lacks.
+  The second child takes the window's output layout change and ends the same way in every
+  option, so it cancels in the difference. A layer outside any Sequential is its own window.
+- Only the kernels that differ from the uncompressed window are costed (a record, or a
+  donor's record x the flops ratio x DONOR_FACTOR, as a predicted latency). A kernel neither
+  costs is tuned when the compiler tunes, all of them in one session; an option that still
+  has one is left out of the program (counted in what it took): the program chooses among
+  options it can cost, and the uncompressed option always can.
+- Each option is built as a trial builds it (search.compress.build: restructure, int8
+  calibrated on the training split) on the whole model, then its window taken: channel groups
+  that reach past the layer are cut as in a trial, and the window holds their other layers.
+- Separable by layer, as the program is: two layers' changes are each measured against the
+  uncompressed rest. Every seed is then built, fine-tuned and timed whole like any trial.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from search.backend.latency_table import LatencyTable, LayerOp, layer_ops
+from torch import nn
+
+from search.backend.compile import to_relax
+from search.backend.predict import KernelLibrary
 from search.compress.build import build
 from search.compress.knob import REGISTRY
 from search.compress.policy import LayerPolicy, Policy
+from search.core.errors import UserError
 from search.core.hooks import layer_inputs
 from search.core.task import Task
+from search.devices.lock import device_lock
 from search.study.allocate import Options
 
 
-def option_ops(task: Task, knobs: list[str], options: Options, int8_kind: str
-               ) -> dict[tuple[str, tuple], list[LayerOp]]:
-    """(layer, option values) -> the ops that layer becomes under that option."""
-    inputs = layer_inputs(task.model, task.example, list(options))
+def window_of(model: nn.Module, name: str) -> tuple[str, ...]:
+    """The modules compiled for `name`'s cost, in call order (see the module docstring)."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i])
+        parent = model.get_submodule(prefix)
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            children = list(parent._modules)
+            j = children.index(parts[i])
+            return tuple(f"{prefix}.{c}" if prefix else c for c in children[j:j + 2])
+    return (name,)
+
+
+def _window(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    modules = [model.get_submodule(n) for n in names]
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+
+def _digest(kernel: Any) -> int:
+    from tvm_ffi import structural_hash
+
+    return int(structural_hash(kernel.dispatched[0]))
+
+
+class _Costs:
+    """Per-call library cost of each distinct kernel (None: neither a record nor a donor)."""
+
+    def __init__(self, library: KernelLibrary) -> None:
+        self.library = library
+        self.kernels: dict[int, Any] = {}
+        self.ms: dict[int, float | None] = {}
+
+    def add(self, kernels: list[Any]) -> Counter[int]:
+        """Remember `kernels`; their calls by digest."""
+        calls: Counter[int] = Counter()
+        for k in kernels:
+            d = _digest(k)
+            self.kernels.setdefault(d, k)
+            calls[d] += int(k.weight)
+        return calls
+
+    def cost(self, digests: set[int]) -> None:
+        for d in digests - set(self.ms):
+            got = self.library.kernel_sum([self.kernels[d]])
+            self.ms[d] = None if got.unknown else got.ms / max(got.calls, 1)
+
+    def unknown(self, digests: set[int]) -> list[Any]:
+        self.cost(digests)
+        return [self.kernels[d] for d in digests if self.ms[d] is None]
+
+    def forget_unknown(self) -> None:
+        self.ms = {d: ms for d, ms in self.ms.items() if ms is not None}
+
+
+def library_options(task: Task, knobs: list[str], options: Options, compiler: Any,
+                    progress: Callable[[int], Any] | None = None
+                    ) -> tuple[Options, dict[str, Any]]:
+    """`options` with each cost replaced by the library's (ms; see the module docstring), and
+    what it took. `progress(total)` may return a tqdm-like bar, updated per option built."""
+    library = KernelLibrary(compiler)
+    costs = _Costs(library)
     identity = tuple(REGISTRY[k].identity for k in knobs)
-    out: dict[tuple[str, tuple], list[LayerOp]] = {}
-    for name, values_of in options.items():
-        for values in values_of:
-            if values == identity:
-                model = task.model
-            else:
-                lp = LayerPolicy(**dict(zip(knobs, values, strict=True)))
-                model = build(task.model, Policy({name: lp}), task.example, task.train,
-                              task.loss)
-            out[(name, values)] = layer_ops(model.get_submodule(name), inputs[name], int8_kind)
-    return out
+    model = task.model.eval()
+    windows = {name: window_of(model, name) for name in options}
+    inputs = layer_inputs(model, task.example, sorted({w[0] for w in windows.values()}))
 
+    def kernels(m: nn.Module, w: tuple[str, ...]) -> Counter[int]:
+        return costs.add(compiler.kernels_of(to_relax(_window(m, w).eval(), inputs[w[0]])))
 
-def measured_options(task: Task, knobs: list[str], options: Options, compiler: Any,
-                     progress: Callable[[int], Any] | None = None
-                     ) -> tuple[Options, dict[str, Any]]:
-    """`options` with each cost replaced by the summed measured latency (ms) of the layer's
-    ops under that option; and what it took (ops, newly measured, the label of the figures).
-    `progress(total)` may return a tqdm-like bar, updated per op measured."""
-    table = LatencyTable.for_compiler(compiler)
-    ops = option_ops(task, knobs, options, table.int8_kind)
-    distinct = {op.key: op for found in ops.values() for op in found}
-    todo = [op for key, op in distinct.items() if key not in table.layers]
+    whole = costs.add(compiler.kernels_of(to_relax(model, task.example)))
+    base = {w: kernels(model, w) for w in set(windows.values())}
+    todo = [(n, v) for n, vs in options.items() for v in vs if v != identity]
     bar = progress(len(todo)) if progress is not None and todo else None
+    changed: dict[tuple[str, tuple], tuple[Counter[int], Counter[int]]] = {}
     try:
-        measured = table.measure_ops(todo, compiler, progress=bar, together=False)
+        for name, values in todo:
+            lp = LayerPolicy(**dict(zip(knobs, values, strict=True)))
+            built = build(task.model, Policy({name: lp}), task.example, task.train, task.loss)
+            now, was = kernels(built, windows[name]), base[windows[name]]
+            changed[(name, values)] = (now - was, was - now)  # (kernels added, removed)
+            if bar is not None:
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    layers = table.layers
+    every = set(whole) | {d for added, removed in changed.values() for d in added | removed}
+    missing = costs.unknown(every)
+    tuned = 0
+    if missing and compiler.can_tune:
+        with device_lock(compiler.spec):
+            tuned = compiler.tune(missing)
+        costs.forget_unknown()
+        missing = costs.unknown(every)
+    if set(whole) & {_digest(k) for k in missing}:
+        raise UserError(f"ip_cost: library: the kernel library of target "
+                        f"{compiler.spec.name!r} lacks kernels of the uncompressed model; build "
+                        f"it with `search tune --target {compiler.spec.name}` or set "
+                        f"tune_trials_per_task above 0 (or use ip_cost: estimate)")
+    total = sum(n * costs.ms[d] for d, n in whole.items())  # type: ignore[operator]
+    estimated = sum(opts[identity][1] for opts in options.values()) or 1.0
     costed: Options = {}
+    left_out = 0
     for name, values_of in options.items():
-        costed[name] = {values: (drop, sum(float(layers[op.key]["ms"])
-                                           for op in ops[(name, values)]), size)
-                        for values, (drop, _estimate, size) in values_of.items()}
-    labels = sorted({layers[key]["tuning"] for key in distinct})
-    return costed, {"source": f"measured:{compiler.spec.name}:layer ops alone",
-                    "ops": len(distinct), "measured_now": len(measured),
-                    "tuning": labels}
+        share = total * values_of[identity][1] / estimated
+        costed[name] = {}
+        for values, (drop, _estimate, size) in values_of.items():
+            added, removed = changed.get((name, values), (Counter(), Counter()))
+            if any(costs.ms[d] is None for d in added | removed):
+                left_out += 1
+                continue
+            delta = sum(n * costs.ms[d] for d, n in added.items()) - \
+                sum(n * costs.ms[d] for d, n in removed.items())  # type: ignore[operator]
+            costed[name][values] = (drop, share + delta, size)
+    return costed, {"source": f"library:{compiler.spec.name}:kernel sums of each layer's "
+                              f"window (records; donors x the flops ratio)",
+                    "options": len(todo) + len(options), "left_out": left_out,
+                    "kernels": len(costs.kernels), "tuned_now": tuned,
+                    "uncompressed_kernel_ms": total}

@@ -41,7 +41,7 @@ from search.study.artifacts import WEIGHTS, ArtifactStore, upload_trial_files
 from search.study.config import SearchConfig
 from search.study.early_stop import CURVE_ATTR, Hopeless, StoppedEarly, stopped_attrs
 from search.study.evaluate import TRAINABLE, Evaluator
-from search.study.layer_cost import measured_options
+from search.study.layer_cost import library_options
 from search.study.points import DUPLICATE_OF, POLICY
 from search.study.sensitivity import cached_sensitivity, narrow_space, sensitivity_table
 from search.study.storage import (
@@ -255,7 +255,7 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
                   ) -> tuple[optuna.Study, list[LayerSpace]]:
     """Create the study (seeded; the run's settings, sensitivity and search space stored as
     study user attrs, so a worker elsewhere joins from the storage alone) or reopen it.
-    `compiler` makes the compiler that times the program's costs (`ip_cost: measured`);
+    `compiler` makes the compiler whose kernel library costs the program (`ip_cost: library`);
     `bar(total)` a progress bar for it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(url, name, config.seed if sampler_seed is None else sampler_seed,
@@ -284,10 +284,10 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
             if config.sensitivity_max_drop is not None:
                 space = narrow_space(space, sens, config.sensitivity_max_drop)
             options, cost = None, {"source": "estimate: multiply-adds x precision factor"}
-            if config.ip_seeds and config.ip_cost == "measured" and compiler is not None:
-                say("timing each layer's ops under each option for the integer program "
-                    "(kept per target: later runs reuse them) ...")
-                options, cost = measured_options(
+            if config.ip_seeds and config.ip_cost == "library" and compiler is not None:
+                say("costing each layer's options from the kernel library for the integer "
+                    "program ...")
+                options, cost = library_options(
                     task, modelled(config.knobs),
                     options_of(task.model, task.example, space, modelled(config.knobs), sens),
                     compiler(), progress=bar)
@@ -300,7 +300,7 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
                  "cost_fraction": a.cost_fraction, "cost_source": cost["source"],
                  "bytes_fraction": a.bytes_fraction}
                 for a in seeds])
-            what = "measured" if options else "estimated"
+            what = "library's" if options else "estimated"
             for a in seeds:
                 say(f"integer-program seed for {a.latency_fraction:.0%} of the {what} cost: "
                     f"summed sensitivity {a.predicted_drop:+.3f}, weights "
