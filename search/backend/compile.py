@@ -33,36 +33,16 @@ _LOG = logging.getLogger(__name__)
 def to_relax(model: nn.Module, example: Any) -> Any:
     """torch.export -> Relax IRModule with the weights bound as constants (folded at compile).
     `example`: a tensor or a tuple of every input (batch 1)."""
-    return relax_of(export_program(model, example))
-
-
-def _not_exported(exc: Exception) -> TrialFailed:
-    return TrialFailed(f"model does not export to TVM: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
-
-
-def export_program(model: nn.Module, example: Any) -> Any:
-    """The first half of `to_relax`: torch.export's program.
-
-    NOTE: only on the thread that runs PyTorch models: export patches process-wide state while
-    it traces (nn.Module.__call__, builtins.max), which a model running on another thread
-    would go through."""
-    inputs = example if isinstance(example, tuple) else (example,)
-    try:
-        return torch.export.export(model.eval(), inputs)
-    except Exception as exc:  # noqa: BLE001 - every export/import failure is reported the same
-        raise _not_exported(exc) from exc
-
-
-def relax_of(program: Any) -> Any:
-    """The second half of `to_relax`: TVM's import of an exported program (any thread)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    inputs = example if isinstance(example, tuple) else (example,)
     try:
-        return from_exported_program(program, keep_params_as_input=False,
+        ep = torch.export.export(model.eval(), inputs)
+        return from_exported_program(ep, keep_params_as_input=False,
                                      unwrap_unit_return_tuple=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _not_exported(exc) from exc
+    except Exception as exc:  # noqa: BLE001 - every export/import failure is reported the same
+        raise TrialFailed(f"model does not export to TVM: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 @dataclass(frozen=True)

@@ -157,15 +157,14 @@ class KernelLibrary:
         return self.kernel_sum(self.compiler.kernels_of(mod))
 
     def predict(self, mod: Any, base: KernelSum, reference_ms: float, target: Any,
-                progress: Any | None = None, tune: bool = True) -> Prediction | None:
+                progress: Any | None = None) -> Prediction | None:
         """The latency of a Relax module as its kernel sum over `base` (the uncompressed
         model's) times `reference_ms` (that model measured). Kernels no record or donor costs
-        are tuned first when the compiler tunes and `tune` (as its compile would, under the
-        device lock); None where some stay unknown: the caller tunes or measures the model
-        whole instead."""
+        are tuned first when the compiler tunes (as its compile would, under the device lock);
+        None where some stay unknown: the caller measures the model whole instead."""
         kernels = self.compiler.kernels_of(mod)
         got = self.kernel_sum(kernels)
-        if got.unknown and tune and self.compiler.can_tune:
+        if got.unknown and self.compiler.can_tune:
             with device_lock(target):
                 self.compiler.tune(list(got.unknown), progress)
             got = self.kernel_sum(kernels)

@@ -7,16 +7,15 @@ import dataclasses
 import hashlib
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from search.backend.compile import Compiler, export_program, relax_of, to_relax
+from search.backend.compile import Compiler, to_relax
 from search.backend.measure import Anchor, Latency, compile_anchor, compile_and_time
-from search.backend.predict import KernelLibrary, KernelSum, Prediction, deployed_form
+from search.backend.predict import KernelLibrary, KernelSum, deployed_form
 from search.backend.provenance import Provenance
 from search.compress.build import apply_precision, output_tolerance, restructure
 from search.compress.policy import Policy
@@ -33,9 +32,6 @@ from search.finetune.distill import (
 )
 from search.study.config import SearchConfig
 from search.study.early_stop import Hopeless, checkpoints
-
-# one thread extracts a candidate's kernels while its fine-tune runs (`latency: predicted`)
-_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="predict")
 
 TRAINABLE = "trainable.pt"  # a trial's fine-tuned fp32 weights, before precision is applied
 
@@ -105,17 +101,6 @@ class Evaluator:
                                                          self.task.example))
         return self._base
 
-    def _predict(self, program: Any, base: KernelSum, tune: bool,
-                 progress: Any | None = None) -> tuple[Any, Prediction | None, float]:
-        """A deployed candidate's Relax module (from its exported program) and its predicted
-        latency, and the seconds they took."""
-        assert self.library is not None and self.reference_ms is not None
-        start = time.perf_counter()
-        mod = relax_of(program)
-        predicted = self.library.predict(mod, base, self.reference_ms, self.target, progress,
-                                         tune=tune)
-        return mod, predicted, time.perf_counter() - start
-
     @property
     def compiled_anchor(self) -> Anchor | None:
         """The anchor if this process compiled one (for the run's later timings), else None."""
@@ -135,24 +120,15 @@ class Evaluator:
         model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())
         predicted, known, predict_s = None, None, 0.0
-        background: Future[tuple[Any, Prediction | None, float]] | None = None
         if self.library is not None and not identity and self.reference_ms is not None:
-            # latency and size from the library (the baseline, measured whole, set the
-            # reference); a candidate whose kernels cannot all be costed is measured whole
+            # latency and size known before the fine-tune (the baseline, measured whole, set
+            # the reference); a candidate whose kernels cannot all be costed is measured whole
             start = time.perf_counter()
-            program = export_program(deployed_form(model, policy, task.train), task.example)
-            base = self.base_sum()
+            mod = to_relax(deployed_form(model, policy, task.train), task.example)
+            predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
+                                             self.target, progress)
+            known = self.compiler.weight_bytes(mod) if predicted is not None else None
             predict_s = time.perf_counter() - start
-            if hopeless is None:
-                # NOTE: nothing needs the figure before the fine-tune, so TVM's import and
-                # passes run beside it (4-5 s on MobileNetV2, mostly one core: the fine-tune
-                # keeps the other); kernels to tune wait for it (tuning times them on this
-                # CPU, which a fine-tune must not share)
-                background = _BACKGROUND.submit(self._predict, program, base, False)
-            else:  # early stopping needs the figure first
-                mod, predicted, seconds = self._predict(program, base, True, progress)
-                known = self.compiler.weight_bytes(mod) if predicted is not None else None
-                predict_s += seconds
         start = time.perf_counter()
         if not identity:
             options = self.config.finetune_options()
@@ -174,14 +150,6 @@ class Evaluator:
             val_accuracy = evaluate(model, task.val, task.metric)
             test_accuracy = evaluate(model, task.test, task.metric)
         finetune_s = time.perf_counter() - start
-        if background is not None:
-            mod, predicted, seconds = background.result()
-            start = time.perf_counter()
-            if predicted is None:  # kernels neither a record nor a donor costs: tune them
-                predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
-                                                 self.target, progress)
-            known = self.compiler.weight_bytes(mod) if predicted is not None else None
-            predict_s += seconds + time.perf_counter() - start  # (its own time, overlapped)
         stats = model_stats(model, policy, task.example)
         if predicted is not None:
             latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0, ratio=predicted.ratio)
