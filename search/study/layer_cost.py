@@ -143,8 +143,13 @@ def library_options(task: Task, knobs: list[str], options: Options, compiler: An
     missing = costs.unknown(every)
     tuned = 0
     if missing and compiler.can_tune:
-        with device_lock(compiler.spec):
-            tuned = compiler.tune(missing)
+        bar = progress(len(missing)) if progress is not None else None
+        try:
+            with device_lock(compiler.spec):
+                tuned = compiler.tune(missing, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         costs.forget_unknown()
         missing = costs.unknown(every)
     if set(whole) & {_digest(k) for k in missing}:
