@@ -60,6 +60,8 @@ def test_a_run_writes_a_front_a_user_can_pick_from(tiny_run):
     for p in front["points"]:
         assert not any(t.values[0] > p["val_accuracy"] and t.values[1] < p["latency_ms"]
                        and t.values[2] < p["size_bytes"] for t in done)
+    # early stopping is off: no validation passes at the fine-tune's checkpoints
+    assert not any("accuracy_curve" in t.user_attrs for t in study.trials)
 
 
 def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
@@ -291,6 +293,8 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
             (t.number, t.state, t.user_attrs.get("fail_reason"))
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["fail_reason"].startswith("stopped early")
+        elif not t.user_attrs["uncompressed"]:  # its history: accuracy at both checkpoints
+            assert set(t.user_attrs["accuracy_curve"]) == {"0.33", "0.67"}, t.number
 
 
 def test_a_bf16_point_exports_a_library_and_an_onnx_model_onnx_runtime_runs(tmp_path):

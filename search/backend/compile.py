@@ -197,14 +197,20 @@ class Compiler:
             measure_callbacks=callbacks,
         )
 
-    def kernels_of(self, mod: Any) -> list[Any]:
-        """The tunable kernels (MetaSchedule tasks) `compile` would build for `mod`: the same
-        layout, int8 and fusion passes, so a kernel tuned from here is the one a trial meets."""
-        from tvm.s_tir import meta_schedule as ms
-
+    def lower(self, mod: Any) -> Any:
+        """The fused-TIR form `compile` builds `mod` from (the same layout, int8 and fusion
+        passes), without tuning or code generation: its kernels and its constants."""
         from search.backend.int8 import lower_int8
 
-        fused = _fused(lower_int8(cpu_layout(mod), target=self.target), self.target)
+        return _fused(lower_int8(cpu_layout(mod), target=self.target), self.target)
+
+    def kernels_of(self, mod: Any, lowered: bool = False) -> list[Any]:
+        """The tunable kernels (MetaSchedule tasks) `compile` would build for `mod` (a Relax
+        module, or `lower`'s form of one when `lowered`), so a kernel tuned from here is the one
+        a trial meets."""
+        from tvm.s_tir import meta_schedule as ms
+
+        fused = mod if lowered else self.lower(mod)
         return list(ms.relax_integration.extract_tasks(fused, self.target))
 
     def tune(self, kernels: list[Any], progress: Any | None = None) -> int:
@@ -235,14 +241,6 @@ class Compiler:
                 self.tasks_tuned_total += len(todo)
             self._mark_own_writes()
         return sum(self._has_record(task) for task in todo)
-
-    def weight_bytes(self, mod: Any) -> WeightBytes:
-        """What the library of `mod` would carry, without tuning or building it (a candidate
-        whose latency is predicted still reports the artifact's size)."""
-        from search.backend.int8 import lower_int8
-
-        return module_weight_bytes(
-            _fused(lower_int8(cpu_layout(mod), target=self.target), self.target))
 
     def compile(self, mod: Any, progress: Any | None = None, transfer: bool = True) -> Compiled:
         """Tune the module's new workloads (if tuning is on), then build with the database.

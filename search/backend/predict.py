@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.backend.artifact import WeightBytes, module_weight_bytes
 from search.backend.provenance import Provenance, tuning_label
 from search.devices.lock import device_lock
 
@@ -83,6 +84,7 @@ class Prediction:
     ratio: float  # the candidate's kernel sum / the uncompressed model's
     kernels: KernelSum
     source: Provenance  # predicted, on which target, kernels costed by own records / donors
+    weights: WeightBytes  # the constants its library would carry (measured, not estimated)
 
 
 def _best_ms(record: Any) -> float | None:
@@ -161,8 +163,10 @@ class KernelLibrary:
         """The latency of a Relax module as its kernel sum over `base` (the uncompressed
         model's) times `reference_ms` (that model measured). Kernels no record or donor costs
         are tuned first when the compiler tunes (as its compile would, under the device lock);
-        None where some stay unknown: the caller measures the model whole instead."""
-        kernels = self.compiler.kernels_of(mod)
+        None where some stay unknown: the caller measures the model whole instead. The
+        compiler's passes run once: the kernels and the weights' bytes come from one form."""
+        fused = self.compiler.lower(mod)
+        kernels = self.compiler.kernels_of(fused, lowered=True)
         got = self.kernel_sum(kernels)
         if got.unknown and self.compiler.can_tune:
             with device_lock(target):
@@ -174,7 +178,8 @@ class KernelLibrary:
         source = Provenance("predicted", target.name,
                             tuning_label(got.own, got.kernels, got.donors), None,
                             float(reference_ms))
-        return Prediction(ratio * float(reference_ms), ratio, got, source)
+        return Prediction(ratio * float(reference_ms), ratio, got, source,
+                          module_weight_bytes(fused))
 
 
 def deployed_form(model: nn.Module, policy: Any,

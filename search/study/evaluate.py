@@ -119,7 +119,7 @@ class Evaluator:
         task = self.task
         model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())
-        predicted, known, predict_s = None, None, 0.0
+        predicted, predict_s = None, 0.0
         if self.library is not None and not identity and self.reference_ms is not None:
             # latency and size known before the fine-tune (the baseline, measured whole, set
             # the reference); a candidate whose kernels cannot all be costed is measured whole
@@ -127,7 +127,6 @@ class Evaluator:
             mod = to_relax(deployed_form(model, policy, task.train), task.example)
             predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
                                              self.target, progress)
-            known = self.compiler.weight_bytes(mod) if predicted is not None else None
             predict_s = time.perf_counter() - start
         start = time.perf_counter()
         if not identity:
@@ -136,7 +135,8 @@ class Evaluator:
             on_step = None
             if curve is not None and hopeless is not None and predicted is not None:
                 on_step = hopeless.on_step(model, task.val, task.metric, options.steps,
-                                           predicted.ms, known.total, curve)
+                                           predicted.ms, predicted.weights.total,
+                                           curve)
             elif curve is not None:
                 on_step = checkpoints(model, task.val, task.metric, options.steps, curve)
             distill(model, self.teacher, task.train, options, task.loss,
@@ -154,7 +154,8 @@ class Evaluator:
         if predicted is not None:
             latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0, ratio=predicted.ratio)
             return TrialResult(val_accuracy, test_accuracy, latency, predicted.source, stats,
-                               known.total, known.by_dtype, finetune_s, predict_s,
+                               predicted.weights.total, predicted.weights.by_dtype,
+                               finetune_s, predict_s,
                                0.0, predicted.kernels.kernels, 0), model
 
         anchor = self.anchor()
