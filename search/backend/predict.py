@@ -125,33 +125,47 @@ class KernelLibrary:
                 Donor(extents(text), ms, float(estimate_tir_flops(mod))))
         self._donors, self._stamp = donors, stamp
 
-    def kernel_sum(self, kernels: list[Any]) -> KernelSum:
-        """Cost `kernels` (what `Compiler.kernels_of` extracts from a model)."""
+    def _lookup(self, task: Any) -> tuple[bool, float] | None:
+        """One call of a kernel: (costed by a donor?, ms before DONOR_FACTOR); None when it
+        has neither a record nor a donor. The index must be current (`_index`)."""
         from tvm.s_tir.analysis import estimate_tir_flops
 
         from search.backend.transfer import distance, extents, kernel_text, structure
 
+        mod = task.dispatched[0]
+        ms = _best_ms(self.compiler.database.query_tuning_record(
+            mod, self.compiler.target, task.task_name))
+        if ms is not None:
+            return False, ms
+        text = kernel_text(mod)
+        mine = extents(text)
+        near = [d for d in self._donors.get(structure(text), []) if len(d.extents) == len(mine)]
+        if not near:
+            return None
+        donor = min(near, key=lambda d: (distance(d.extents, mine), d.ms))
+        scale = float(estimate_tir_flops(mod)) / donor.flops if donor.flops > 0 else 1.0
+        return True, donor.ms * scale
+
+    def call_ms(self, task: Any) -> float | None:
+        """What one call of a kernel costs (as `KernelSum.ms` counts it); None: unknown."""
+        self._index()
+        got = self._lookup(task)
+        return None if got is None else got[1] * (DONOR_FACTOR if got[0] else 1.0)
+
+    def kernel_sum(self, kernels: list[Any]) -> KernelSum:
+        """Cost `kernels` (what `Compiler.kernels_of` extracts from a model)."""
         self._index()
         own_ms, donor_ms, calls, own, donated, unknown = 0.0, 0.0, 0, 0, 0, []
         for task in kernels:
-            mod = task.dispatched[0]
             n = int(task.weight)
             calls += n
-            ms = _best_ms(self.compiler.database.query_tuning_record(
-                mod, self.compiler.target, task.task_name))
-            if ms is not None:
-                own_ms, own = own_ms + n * ms, own + 1
-                continue
-            text = kernel_text(mod)
-            mine = extents(text)
-            near = [d for d in self._donors.get(structure(text), [])
-                    if len(d.extents) == len(mine)]
-            if not near:
+            got = self._lookup(task)
+            if got is None:
                 unknown.append(task)
-                continue
-            donor = min(near, key=lambda d: (distance(d.extents, mine), d.ms))
-            scale = float(estimate_tir_flops(mod)) / donor.flops if donor.flops > 0 else 1.0
-            donor_ms, donated = donor_ms + n * donor.ms * scale, donated + 1
+            elif got[0]:
+                donor_ms, donated = donor_ms + n * got[1], donated + 1
+            else:
+                own_ms, own = own_ms + n * got[1], own + 1
         return KernelSum(own_ms, donor_ms, len(kernels), calls, own, donated, tuple(unknown))
 
     def model_sum(self, mod: Any) -> KernelSum:

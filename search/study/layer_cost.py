@@ -95,14 +95,11 @@ class _Costs:
             calls[d] += int(k.weight)
         return calls
 
-    def cost(self, digests: set[int]) -> None:
+    def unknown(self, digests: set[int]) -> set[int]:
+        """Cost `digests` not costed yet; those that stay uncostable."""
         for d in digests - set(self.ms):
-            got = self.library.kernel_sum([self.kernels[d]])
-            self.ms[d] = None if got.unknown else got.ms / max(got.calls, 1)
-
-    def unknown(self, digests: set[int]) -> list[Any]:
-        self.cost(digests)
-        return [self.kernels[d] for d in digests if self.ms[d] is None]
+            self.ms[d] = self.library.call_ms(self.kernels[d])
+        return {d for d in digests if self.ms[d] is None}
 
     def forget_unknown(self) -> None:
         self.ms = {d: ms for d, ms in self.ms.items() if ms is not None}
@@ -146,13 +143,13 @@ def library_options(task: Task, knobs: list[str], options: Options, compiler: An
         bar = progress(len(missing)) if progress is not None else None
         try:
             with device_lock(compiler.spec):
-                tuned = compiler.tune(missing, bar)
+                tuned = compiler.tune([costs.kernels[d] for d in missing], bar)
         finally:
             if bar is not None:
                 bar.close()
         costs.forget_unknown()
         missing = costs.unknown(every)
-    if set(whole) & {_digest(k) for k in missing}:
+    if set(whole) & missing:
         raise UserError(f"ip_cost: library: the kernel library of target "
                         f"{compiler.spec.name!r} lacks kernels of the uncompressed model; build "
                         f"it with `search tune --target {compiler.spec.name}` or set "
