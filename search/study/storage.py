@@ -69,13 +69,7 @@ def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.B
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, startup_trials))
-    # multivariate: one joint draw of the ~100 per-layer knobs from the trials' joint density
-    # (knobs of one layer interact) in 0.2 s a trial, where independent TPE fits one density per
-    # knob (0.8-1.2 s a trial at 104 knobs; bench/RESULTS.md 13.26)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials,
-                                          multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
 
 
 def open_study(url: str, name: str, seed: int, startup_trials: int, create: bool,
