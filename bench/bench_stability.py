@@ -1,7 +1,8 @@
 """Does a candidate's latency agree across processes and load? Raw time vs ratio to the anchor.
 
     SEARCH_CACHE_DIR=/tmp/bench-cache python bench/bench_stability.py \
-        [--task search.tasks:mobilenet_v2] [--loads 0,0,1,2] [--out /tmp/bench-stability.json]
+        [--task search.tasks:mobilenet_v2] [--loads 0,0,1,2] [--copies 1,2,1,2] \
+        [--out /tmp/bench-stability.json]
 
 Each entry of `--loads` is one fresh process, run one after another, with that many CPU hogs
 (`while True: pass` processes) running beside it. Each process compiles, from the target's
@@ -11,7 +12,9 @@ default space, and times each candidate twice: alone (what `interleave: false` r
 round by round with the anchor (the fastest-round ratio, what `interleave: true` scales by
 the study's reference latency). Printed per process: the raw medians and the ratio; then, per
 candidate, the spread over processes ((max - min) / median) of each. Models are not fine-tuned:
-latency does not depend on weight values.
+latency does not depend on weight values. `--copies` (one entry per process) sets how many
+copies of the anchor that process compiles and times in turn (search.backend.measure
+.ANCHOR_COPIES; default: what ships); the spreads are then given per number of copies.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ def setup(task_name: str, seed: int) -> tuple:
     return task, spec, compiler, policies
 
 
-def child(task_name: str, seed: int) -> dict:
+def child(task_name: str, seed: int, copies: int | None = None) -> dict:
     """One process: compile the anchor and the candidates, time each alone and interleaved."""
+    import search.backend.measure as measure
     from search.backend.measure import compile_anchor, compile_and_time
     from search.compress.build import build, output_tolerance
 
+    if copies is not None:
+        measure.ANCHOR_COPIES = copies
     task, spec, compiler, policies = setup(task_name, seed)
     x = task.example
     anchor = compile_anchor(task.model, x, compiler, spec)
@@ -81,15 +87,20 @@ def child(task_name: str, seed: int) -> dict:
     return rows
 
 
-def processes(script: str, loads: str, task: str, seed: int) -> Iterator[tuple[int, int, dict]]:
+def processes(script: str, loads: str, task: str, seed: int, copies: str | None = None
+              ) -> Iterator[tuple[int, int, dict]]:
     """Run `script --child` once per entry of `loads` (comma-separated CPU hogs beside it), one
     after another: (process number, hogs, the child's JSON result)."""
-    for i, hogs in enumerate(int(h) for h in loads.split(",")):
+    hogs_of = [int(h) for h in loads.split(",")]
+    copies_of = copies.split(",") if copies else [None] * len(hogs_of)
+    if len(copies_of) != len(hogs_of):
+        raise SystemExit("--copies needs one entry per --loads entry")
+    for i, (hogs, n) in enumerate(zip(hogs_of, copies_of, strict=True)):
         procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
         try:
             done = subprocess.run([sys.executable, script, "--child", "--task", task,
-                                   "--seed", str(seed)], capture_output=True, text=True,
-                                  check=True)
+                                   "--seed", str(seed), *(["--copies", n] if n else [])],
+                                  capture_output=True, text=True, check=True)
         finally:
             for p in procs:
                 p.kill()
@@ -106,21 +117,34 @@ def main() -> None:
     ap.add_argument("--loads", default="0,0,1,2",
                     help="CPU hogs beside each process, comma separated (one process each)")
     ap.add_argument("--seed", type=int, default=0, help="which random policy")
+    ap.add_argument("--copies", default=None,
+                    help="anchor copies per process, comma separated (default: what ships)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-stability.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.task, args.seed)))
+        print(json.dumps(child(args.task, args.seed,
+                              int(args.copies) if args.copies else None)))
         return
     runs = []
-    for i, hogs, rows in processes(__file__, args.loads, args.task, args.seed):
-        runs.append({"process": i, "hogs": hogs, "rows": rows})
+    copies = args.copies.split(",") if args.copies else None
+    for i, hogs, rows in processes(__file__, args.loads, args.task, args.seed, args.copies):
+        runs.append({"process": i, "hogs": hogs, "rows": rows,
+                     "copies": int(copies[i]) if copies else None})
         for name, r in rows.items():
             print(f"process {i} ({hogs} hogs) {name:>14}: alone {r['alone_ms']:7.3f} ms  "
                   f"interleaved: candidate {r['interleaved_ms']:7.3f} ms, anchor "
                   f"{r['anchor_ms']:7.3f} ms, ratio {r['ratio']:.3f}  [{r['source']}]",
                   flush=True)
-    print("\nspread over processes, (max - min) / median:")
+    args.out.write_text(json.dumps(runs, indent=1))
+    for n in sorted({r["copies"] for r in runs}, key=lambda c: c or 0):
+        print(f"\nanchor copies: {n or 'as shipped'}")
+        report([r for r in runs if r["copies"] == n])
+
+
+def report(runs: list[dict]) -> None:
+    """Per candidate, the spread over processes of the raw and the ratio figures."""
+    print("spread over processes, (max - min) / median:")
     for name in runs[0]["rows"]:
         alone = [r["rows"][name]["alone_ms"] for r in runs]
         ratio = [r["rows"][name]["ratio"] for r in runs]
@@ -130,7 +154,6 @@ def main() -> None:
               f"{spread([q['alone_ms'] for q in quiet]) if len(quiet) > 1 else float('nan'):6.1%}"
               f", ratio "
               f"{spread([q['ratio'] for q in quiet]) if len(quiet) > 1 else float('nan'):6.1%})")
-    args.out.write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         tuned = tuner.compile(mod)
         tune_s = time.perf_counter() - start
         atol = output_tolerance(policy)
-        anchor = Anchor(tuned.executable, x)
+        anchor = Anchor((tuned.executable,), x)
         m = spec.measurement
         a = run_and_time(moved.executable, x, reference, m, atol=atol, anchor=anchor)
         b = run_and_time(plain.executable, x, reference, m, atol=atol, anchor=anchor)

@@ -109,8 +109,9 @@ def test_a_clearly_smaller_layer_measures_faster(untuned):
 def test_interleaved_timing_compares_the_fastest_rounds_of_candidate_and_anchor(
         untuned, monkeypatch):
     """A neighbour slowing the anchor in some rounds (and the candidate in others) must not
-    move the figure: it is the candidate's fastest round over the anchor's fastest round,
-    over `rounds` alternating rounds, with the candidate's quartiles in that unit."""
+    move the figure: it is the candidate's fastest round over the anchor's (the mean over its
+    copies, timed in turn, of each one's fastest round), over `rounds` alternating rounds,
+    with the candidate's quartiles in that unit."""
     import search.backend.measure as measure
 
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_interleaved_timing_compares_the_fastest_rounds_of_candidate_and_anchor(
         ref = model(x)
     compiled = untuned.compile(to_relax(model, x))
     candidate = iter([0.6, 2.0, 0.5, 0.7, 0.9, 3.0])  # ms per round, disturbed at random
-    anchor = iter([3.0, 1.0, 9.0, 1.2, 1.1, 1.0])
+    anchor = iter([3.0, 1.0, 9.0, 1.2, 1.1, 1.0])  # the copies in turn: 3, 9, 1.1 | 1, 1.2, 1
     calls = []
 
     def fake_timer(vm, dev, settings, xs):
@@ -131,13 +132,17 @@ def test_interleaved_timing_compares_the_fastest_rounds_of_candidate_and_anchor(
     monkeypatch.setattr(measure, "_timer", fake_timer)
     settings = Measurement(number=1, repeat=2, min_repeat_ms=0, rounds=6)
     latency = measure.run_and_time(compiled.executable, x, ref, settings, atol=1e-3,
-                                   anchor=measure.Anchor(compiled.executable, x))
-    assert latency.repeats == 6 and len(calls) == 2  # `rounds` of each, not `repeat`
-    assert latency.ratio == pytest.approx(0.5 / 1.0) and latency.anchor_ms == 1.0
+                                   anchor=measure.Anchor((compiled.executable,) * 2, x))
+    assert latency.repeats == 6 and len(calls) == 3  # `rounds` of each, not `repeat`
+    floor = (1.1 + 1.0) / 2  # each copy's fastest round, averaged
+    assert latency.ratio == pytest.approx(0.5 / floor)
+    assert latency.anchor_ms == pytest.approx(floor)
     assert latency.ratio <= latency.ratio_p25 <= latency.ratio_p75
-    assert latency.ratio_p25 == pytest.approx(np.percentile([0.6, 2.0, 0.5, 0.7, 0.9, 3.0], 25))
+    assert latency.ratio_p25 == pytest.approx(
+        np.percentile([0.6, 2.0, 0.5, 0.7, 0.9, 3.0], 25) / floor)
     scaled = latency.scaled(2.0)
-    assert scaled.median_ms == pytest.approx(1.0) and scaled.raw_ms == latency.median_ms
+    assert scaled.median_ms == pytest.approx(2.0 * 0.5 / floor)
+    assert scaled.raw_ms == latency.median_ms
 
 
 def test_output_mismatch_fails_the_trial(tiny_task, untuned):

@@ -25,24 +25,33 @@ from search.devices.target import Measurement
 # compiled again on its own tuned kernels (compile_and_time); above 1 by more than the timing's
 # spread, so the uncompressed model itself (ratio 1) is not retuned by chance
 SUSPECT_RATIO = 1.1
+# the anchor is compiled and loaded this many times in a process and the rounds alternate over
+# the copies (the figure: the mean of the copies' fastest rounds). One copy's fastest round sat
+# 1-3 % apart from process to process in 13.18, and a second copy in the same process differed
+# from the first by up to 1.2 % (presumably where its code and weights landed in memory): two copies would
+# have agreed within 1.2-2.8 % there, against 3.5-3.7 % (13.18's rounds re-read, bench/RESULTS.md
+# 13.27). Not yet measured live on a quiet machine (13.27's A/B drowned in a neighbour's load),
+# so one copy ships; `bench/bench_stability.py --copies 1,2,1,2,1,2` measures it.
+ANCHOR_COPIES = 1
 
 
 @dataclass(frozen=True)
 class Latency:
     """A measured latency: median over repeats, with the interquartile spread. Timed against an
     anchor (the uncompressed model, interleaved round by round), it also carries the ratio of
-    the two fastest rounds (candidate / anchor), which separate processes agree on, with the
-    candidate's rounds' quartiles in the same unit (at or above the ratio)."""
+    the candidate's fastest round to the anchor's (the mean over the anchor's copies of each
+    one's fastest round), which separate processes agree on, with the candidate's rounds'
+    quartiles in the same unit."""
 
     median_ms: float
     p25_ms: float
     p75_ms: float
     repeats: int
     emulated_by: str | None = None  # e.g. "qemu-aarch64": NOT the device's real latency
-    ratio: float | None = None  # fastest candidate round / fastest anchor round, interleaved
-    ratio_p25: float | None = None  # the candidate's rounds / fastest anchor round: quartiles
+    ratio: float | None = None  # fastest candidate round / the anchor's, interleaved
+    ratio_p25: float | None = None  # the candidate's rounds / the anchor's: quartiles
     ratio_p75: float | None = None
-    anchor_ms: float | None = None  # the anchor's fastest round
+    anchor_ms: float | None = None  # the anchor's: mean over its copies of their fastest round
     raw_ms: float | None = None  # once scaled: this process's own median
 
     def scaled(self, reference_ms: float) -> Latency:
@@ -57,10 +66,10 @@ class Latency:
 
 @dataclass(frozen=True)
 class Anchor:
-    """The model every candidate is timed against, round by round: compiled once per process
-    (its kernels are in the tuning database), with its inputs."""
+    """The model every candidate is timed against, round by round: compiled `ANCHOR_COPIES`
+    times per process (its kernels are in the tuning database), with its inputs."""
 
-    executable: Any
+    executables: tuple[Any, ...]  # copies of one model, each built and loaded on its own
     example: Any
 
 
@@ -123,13 +132,13 @@ def compile_and_time(model: torch.nn.Module, example: Any, compiler: Any, target
 
 def compile_anchor(model: torch.nn.Module, example: Any, compiler: Any,
                    target: Any = None) -> Anchor:
-    """The anchor for this process: `model` compiled (under the device lock, tuning what the
-    database lacks, as any candidate)."""
+    """The anchor for this process: `model` compiled `ANCHOR_COPIES` times (under the device
+    lock, tuning what the database lacks, as any candidate)."""
     target = target or compiler.spec
     mod = to_relax(model.eval(), example)
     with device_lock(target):
-        compiled = compiler.compile(mod)
-    return Anchor(compiled.executable, example)
+        copies = tuple(compiler.compile(mod).executable for _ in range(ANCHOR_COPIES))
+    return Anchor(copies, example)
 
 
 def run_and_time(executable: Any, example: Any, reference: torch.Tensor,
@@ -195,10 +204,9 @@ def _run_and_time(executable: Any, example: Any, reference: torch.Tensor,
     if wrong is not None:
         raise TrialFailed(f"compiled output differs from PyTorch ({wrong})")
     timer = _timer(vm, dev, settings, xs)
-    anchor_timer = None
-    if anchor is not None:
-        anchor_timer = _anchor_timer(anchor, dev, settings, lambda exe: load(exe, "anchor"))
-    return timed_rounds(timer, settings, anchor_timer, emulation)
+    anchor_timers = [] if anchor is None else \
+        _anchor_timers(anchor, dev, settings, lambda exe, i: load(exe, f"anchor{i}"))
+    return timed_rounds(timer, settings, anchor_timers, emulation)
 
 
 def time_against_anchor(timer: Callable[[], float], anchor: Anchor, target: Any) -> Latency:
@@ -209,40 +217,45 @@ def time_against_anchor(timer: Callable[[], float], anchor: Anchor, target: Any)
 
     with device_lock(target):
         return timed_rounds(timer, target.measurement,
-                            _anchor_timer(anchor, tvm.cpu(), target.measurement))
+                            _anchor_timers(anchor, tvm.cpu(), target.measurement))
 
 
-def _anchor_timer(anchor: Anchor, dev: Any, settings: Measurement,
-                  load: Callable[[Any], Any] = lambda exe: exe) -> Callable[[], float]:
+def _anchor_timers(anchor: Anchor, dev: Any, settings: Measurement,
+                   load: Callable[[Any, int], Any] = lambda exe, i: exe
+                   ) -> list[Callable[[], float]]:
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(load(anchor.executable), dev)
     xs = [tvm.runtime.tensor(t.numpy(), dev) for t in as_inputs(anchor.example)]
-    return _timer(vm, dev, settings, xs)
+    return [_timer(relax.VirtualMachine(load(exe, i), dev), dev, settings, xs)
+            for i, exe in enumerate(anchor.executables)]
 
 
 def timed_rounds(timer: Callable[[], float], settings: Measurement,
-                 anchor_timer: Callable[[], float] | None = None,
+                 anchor_timers: Sequence[Callable[[], float]] = (),
                  emulation: str | None = None) -> Latency:
     """Time `timer` alone (`settings.repeat` rounds: the median and quartiles), or round by
-    round with `anchor_timer` (`settings.rounds`: the fastest round over the anchor's)."""
-    samples, anchors = [], []
-    rounds = settings.repeat if anchor_timer is None else settings.rounds
-    for _ in range(rounds):  # NOTE: round by round, so both see the same load
-        if anchor_timer is not None:
-            anchors.append(anchor_timer())
+    round with the anchor (`settings.rounds`, each round timing one of its copies in turn):
+    the candidate's fastest round over the mean of the copies' fastest rounds."""
+    samples: list[float] = []
+    anchors: list[list[float]] = [[] for _ in anchor_timers]
+    rounds = settings.rounds if anchor_timers else settings.repeat
+    for i in range(rounds):  # NOTE: round by round, so both see the same load
+        if anchor_timers:
+            k = i % len(anchor_timers)
+            anchors[k].append(anchor_timers[k]())
         samples.append(timer())
         if settings.cooldown_ms:
             time.sleep(settings.cooldown_ms / 1e3)
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
-    if not anchors:
+    if not anchor_timers:
         return Latency(float(med), float(p25), float(p75), len(samples), emulation)
     # NOTE: the fastest round of each, not the median per-round ratio: on a shared machine the
     # uncompressed model (weights beyond the cache) is slowed by neighbours far more than a
     # small candidate, so per-round ratios move with the load; the least-disturbed rounds agree
-    # across processes (bench/bench_estimators.py, bench/RESULTS.md 13.18)
-    floor = min(anchors)
+    # across processes (bench/bench_estimators.py, bench/RESULTS.md 13.18); the mean over the
+    # anchor's copies, as one copy's speed depends on where it landed in memory (13.27)
+    floor = float(np.mean([min(a) for a in anchors if a]))
     r25, r75 = np.percentile(np.array(samples) / floor, [25, 75])
     return Latency(float(med), float(p25), float(p75), len(samples), emulation,
                    min(samples) / floor, float(r25), float(r75), floor)
