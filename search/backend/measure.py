@@ -28,10 +28,10 @@ SUSPECT_RATIO = 1.1
 # the anchor is compiled and loaded this many times in a process and the rounds alternate over
 # the copies (the figure: the mean of the copies' fastest rounds). One copy's fastest round sat
 # 1-3 % apart from process to process in 13.18, and a second copy in the same process differed
-# from the first by up to 1.2 % (presumably where its code and weights landed in memory): two copies would
-# have agreed within 1.2-2.8 % there, against 3.5-3.7 % (13.18's rounds re-read, bench/RESULTS.md
-# 13.27). Not yet measured live on a quiet machine (13.27's A/B drowned in a neighbour's load),
-# so one copy ships; `bench/bench_stability.py --copies 1,2,1,2,1,2` measures it.
+# from the first by up to 1.2 % (presumably where its code and weights landed in memory): two
+# copies would have agreed within 1.2-2.8 % there, against 3.5-3.7 % (13.18's rounds re-read,
+# bench/RESULTS.md 13.27). Not yet measured live on a quiet machine (13.27's A/B drowned in a
+# neighbour's load), so one copy ships; `bench/bench_stability.py --copies 1,2,1,2,1,2`.
 ANCHOR_COPIES = 1
 
 
