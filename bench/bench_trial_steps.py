@@ -5,7 +5,8 @@
 
 On target `host`, from its kernel library as it is (nothing tuned). For `--policies` random
 per-layer policies of the default space: each step of `latency: predicted` timed alone
-(restructure, the deployed form, torch.export, TVM's import with its core-ATen decompositions,
+(restructure, the deployed form, torch.fx's trace and import as shipped, then torch.export and
+TVM's import with its core-ATen decompositions as before 13.29,
 the compiler's passes, task extraction, the library's sum), then one evaluation pass over the
 validation and the test split. Then TPE's draw of the space's knobs (independent, as shipped,
 and multivariate) over `--trials` trials of a throwaway SQLite study. Models are not
@@ -31,7 +32,7 @@ def prediction_steps(task, compiler, policies) -> dict[str, list[float]]:
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.s_tir import meta_schedule as ms
 
-    from search.backend.compile import _fused
+    from search.backend.compile import _fused, traced_relax
     from search.backend.int8 import lower_int8
     from search.backend.layout import cpu_layout
     from search.backend.predict import KernelLibrary, deployed_form
@@ -51,6 +52,8 @@ def prediction_steps(task, compiler, policies) -> dict[str, list[float]]:
         model = timed("restructure", restructure, task.model, policy, task.example, task.train,
                       task.loss)
         deployed = timed("deployed form", deployed_form, model, policy, task.train).eval()
+        timed("torch.fx trace + TVM import (shipped, where it agrees)", traced_relax, deployed,
+              task.example)
         ep = timed("torch.export", torch.export.export, deployed, inputs)
         ep = timed("run_decompositions (core ATen)", ep.run_decompositions)
         mod = timed("TVM import", from_exported_program, ep, keep_params_as_input=False,
@@ -139,9 +142,9 @@ def main() -> None:
         tpe_draws(space, config.knobs, args.trials, False)
     rows[f"TPE draw of {knobs} knobs, multivariate"] = \
         tpe_draws(space, config.knobs, args.trials, True)
-    print(f"\n{'step':<48} {'median s':>9} {'min':>7} {'max':>7}")
+    print(f"\n{'step':<56} {'median s':>9} {'min':>7} {'max':>7}")
     for name, times in rows.items():
-        print(f"{name:<48} {statistics.median(times):9.2f} {min(times):7.2f} {max(times):7.2f}")
+        print(f"{name:<56} {statistics.median(times):9.2f} {min(times):7.2f} {max(times):7.2f}")
 
 
 if __name__ == "__main__":

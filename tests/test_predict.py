@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.backend.compile import Compiler, to_relax
+from search.backend.compile import Compiler, to_relax, traced_relax
 from search.backend.predict import KernelLibrary, deployed_form, error_report
 from search.backend.provenance import tuning_label
 from search.compress.build import build, restructure
@@ -33,6 +33,44 @@ def test_deployed_form_has_the_ops_of_the_fine_tuned_model(tiny_task):
     assert ops(before) == ops(after)
     kinds = [kind for _name, kind, *_ in ops(before)]
     assert "Half" in kinds and kinds.count("Int8Linear") == 3
+
+
+@pytest.mark.parametrize("policy", [
+    Policy({"conv1": LayerPolicy(bits=16, half="fp16"),
+            "conv2": LayerPolicy(rank=0.5, split="spatial"),
+            "fc1": LayerPolicy(sparsity=0.5, bits=8), "fc2": LayerPolicy(rank=0.25, prune=0.5),
+            "fc3": LayerPolicy(nm="2:4", bits=16)}),
+    Policy({"conv2": LayerPolicy(bits=8), "fc1": LayerPolicy(rank=0.25, bits=8),
+            "fc2": LayerPolicy(bits=8, share=4), "conv1": LayerPolicy(sparsity=0.5)}),
+])
+def test_the_traced_import_gives_exports_kernels_and_weights(tiny_task, policy, tmp_path):
+    """A prediction may import by torch.fx (25x sooner): every compressed layer must lower to
+    the kernels and constants torch.export's import gives, or the library costs other kernels."""
+    from search.backend.artifact import module_weight_bytes
+
+    task, compiler = tiny_task, Compiler(load_target("host"), tmp_path, trials_per_task=0)
+    model = deployed_form(restructure(task.model, policy, task.example, task.train), policy,
+                          task.train)
+    for m in (model, convs(16, 32)):  # and a 1x1 pooling before a Linear with a bias
+        example = task.example if m is model else X
+        exported, traced = to_relax(m, example), traced_relax(m, example)
+        assert traced is not None
+        a, b = compiler.lower(exported), compiler.lower(traced)
+        ka, kb = compiler.kernels_of(a, lowered=True), compiler.kernels_of(b, lowered=True)
+        assert len(ka) >= 4 and compiler.same_kernels(ka, kb)
+        assert module_weight_bytes(a) == module_weight_bytes(b)
+    # and the check tells different models apart
+    assert not compiler.same_kernels(compiler.kernels_of(to_relax(convs(16, 32), X)),
+                                     compiler.kernels_of(to_relax(convs(16, 16), X)))
+
+
+def test_a_model_that_does_not_trace_symbolically_is_left_to_export():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[1] == 3 else x - 1  # a branch on a shape: export fixes it
+
+    assert traced_relax(Branchy(), X) is None
+    assert to_relax(Branchy(), X) is not None
 
 
 def test_error_report():
@@ -120,3 +158,34 @@ def test_a_kernel_no_record_or_neighbour_costs_is_tuned_or_the_model_measured_wh
     assert base.complete and base.own == base.kernels
     p = lib.predict(model, base, 2.0, target)
     assert p.ratio == pytest.approx(1.0) and p.ms == pytest.approx(2.0)
+
+
+def test_a_prediction_imports_by_fx_only_where_fx_gave_exports_kernels(tiny_task, tmp_path,
+                                                                       monkeypatch):
+    """The evaluator checks the traced import on the uncompressed model once; where its
+    kernels differ from export's, every candidate is exported instead."""
+    from search.study import evaluate as ev
+    from search.study.config import SearchConfig
+
+    target = load_target("host")
+    policy = Policy({"fc1": LayerPolicy(rank=0.25)})
+    model = restructure(tiny_task.model, policy, tiny_task.example, tiny_task.train)
+    exported = []
+    monkeypatch.setattr(ev, "to_relax", lambda m, x: exported.append(m) or to_relax(m, x))
+
+    def evaluator(traced) -> ev.Evaluator:
+        monkeypatch.setattr(ev, "traced_relax", traced)
+        e = ev.Evaluator(tiny_task, target, Compiler(target, tmp_path, trials_per_task=0),
+                         SearchConfig(latency="predicted"))
+        e.base_sum()
+        exported.clear()
+        return e
+
+    e = evaluator(traced_relax)  # the same kernels: candidates are traced, not exported
+    e._predicted_form(model, policy)
+    assert exported == []
+    # a trace that imports the uncompressed model into other kernels is not relied on
+    e = evaluator(lambda m, x: traced_relax(convs(16, 32), X) if m is tiny_task.model
+                  else traced_relax(m, x))
+    e._predicted_form(model, policy)
+    assert len(exported) == 1

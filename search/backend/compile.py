@@ -45,6 +45,65 @@ def to_relax(model: nn.Module, example: Any) -> Any:
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def _as_export_decomposes(gm: torch.fx.GraphModule, inputs: tuple) -> torch.fx.GraphModule:
+    """Write two ops as torch.export's core-ATen decompositions do, so that both imports give
+    the same kernels: average pooling to 1x1 as the mean over H and W, and a Linear with a
+    bias on a 2-D input as `addmm(bias, x, weight.T)` (TVM adds the bias on the other side)."""
+    import torch.nn.functional as F
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*inputs)  # each node's output shape (one forward pass)
+    graph = gm.graph
+
+    def module(node: torch.fx.Node) -> nn.Module | None:
+        return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+    def arg(node: torch.fx.Node, i: int, name: str) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+    for node in list(graph.nodes):
+        m, new = module(node), None
+        if (isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))) or (
+                node.target is F.adaptive_avg_pool2d
+                and arg(node, 1, "output_size") in (1, (1, 1), [1, 1])):
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.mean, (node.args[0], [-1, -2]),
+                                          {"keepdim": True})
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            x = node.args[0]
+            meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+            if meta is not None and len(meta.shape) == 2:
+                with graph.inserting_before(node):
+                    w = graph.get_attr(f"{node.target}.weight")
+                    b = graph.get_attr(f"{node.target}.bias")
+                    wt = graph.call_function(torch.permute, (w, [1, 0]))
+                    new = graph.call_function(torch.addmm, (b, x, wt))
+        if new is not None:
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def traced_relax(model: nn.Module, example: Any) -> Any | None:
+    """`to_relax`'s module from torch.fx's symbolic trace: 0.1-0.2 s instead of 3.4-4.4 s on
+    MobileNetV2 (bench/RESULTS.md 13.29), since it runs neither torch.export nor export's
+    second trace to core ATen. For the kernels a prediction costs, not for a build: the two
+    imports agree kernel for kernel on our compressed layers (tests/test_predict.py), and a
+    caller checks that they agree on its model (`Compiler.same_kernels`) before relying on it.
+    None where the model does not trace symbolically (control flow on values) or does not
+    import (TVM's fx importer takes no bfloat16 weights): the caller exports it."""
+    from tvm.relax.frontend.torch import from_fx
+
+    inputs = example if isinstance(example, tuple) else (example,)
+    try:
+        gm = _as_export_decomposes(torch.fx.symbolic_trace(model.eval()), inputs)
+        shapes = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs]
+        return from_fx(gm, shapes, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+    except Exception:  # noqa: BLE001 - any failure: the caller imports with torch.export
+        return None
+
+
 @dataclass(frozen=True)
 class Compiled:
     """A compiled candidate and how much of it runs tuned kernels."""
@@ -212,6 +271,18 @@ class Compiler:
 
         fused = mod if lowered else self.lower(mod)
         return list(ms.relax_integration.extract_tasks(fused, self.target))
+
+    @staticmethod
+    def same_kernels(a: list[Any], b: list[Any]) -> bool:
+        """Whether two `kernels_of` lists hold the same kernels, each called as often."""
+        from collections import Counter
+
+        from tvm_ffi import structural_hash
+
+        def digests(kernels: list[Any]) -> Counter:
+            return Counter((structural_hash(k.dispatched[0]), int(k.weight)) for k in kernels)
+
+        return digests(a) == digests(b)
 
     def tune(self, kernels: list[Any], progress: Any | None = None) -> int:
         """Tune, in one MetaSchedule session, the kernels (deduplicated by workload) that the

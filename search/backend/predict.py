@@ -20,9 +20,11 @@ Why this form (bench/RESULTS.md 13.21):
   compile runs the donor's schedule on it. So the prediction is of the figure a trial would
   measure (transferred schedules included); the front's points are then measured whole as a
   trial is, and tuned where they ran transferred schedules (search.study.loop.tune_front).
-- Compiles nothing: extracting the kernels is the compiler's passes on the model (3-6 s on
-  MobileNetV2), no code generation, no timing. A kernel that has neither a record nor a donor
-  is reported (`unknown`), for the caller to tune or to measure the model whole.
+- Compiles nothing: extracting the kernels is the compiler's passes on the model (about 1 s on
+  MobileNetV2, imported by torch.fx's trace where that gives export's kernels:
+  search.backend.compile.traced_relax), no code generation, no timing. A kernel that has
+  neither a record nor a donor is reported (`unknown`), for the caller to tune or to measure
+  the model whole.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.backend.compile import Compiler, to_relax
+from search.backend.compile import Compiler, to_relax, traced_relax
 from search.backend.measure import Anchor, Latency, compile_anchor, compile_and_time
 from search.backend.predict import KernelLibrary, KernelSum, deployed_form
 from search.backend.provenance import Provenance
@@ -77,6 +77,9 @@ class Evaluator:
         # predicted latency while searching: the candidate's kernels costed from the library
         self.library = KernelLibrary(compiler) if config.latency == "predicted" else None
         self._base: KernelSum | None = None  # the uncompressed model's kernels, costed
+        # candidates imported for a prediction by torch.fx's trace (25x sooner than export):
+        # set where it gives export's kernels on the uncompressed model
+        self._traced = False
         self._anchor: Anchor | None = None
         # the study's reference latency of the uncompressed model (ms): the caller sets it from
         # the study; None until one candidate was timed, whose anchor time then becomes it
@@ -97,9 +100,20 @@ class Evaluator:
         """The uncompressed model's kernels costed from the library (once complete)."""
         assert self.library is not None
         if self._base is None or not self._base.complete:
-            self._base = self.library.model_sum(to_relax(self.task.model.eval(),
-                                                         self.task.example))
+            model, example = self.task.model.eval(), self.task.example
+            kernels = self.compiler.kernels_of(to_relax(model, example))
+            self._base = self.library.kernel_sum(kernels)
+            traced = traced_relax(model, example)
+            self._traced = traced is not None and self.compiler.same_kernels(
+                self.compiler.kernels_of(traced), kernels)
         return self._base
+
+    def _predicted_form(self, model: nn.Module, policy: Policy) -> Any:
+        """A candidate's deployed form as Relax, for its kernels: traced by torch.fx where
+        that gave export's kernels on the uncompressed model (`base_sum`), else exported."""
+        deployed = deployed_form(model, policy, self.task.train)
+        traced = traced_relax(deployed, self.task.example) if self._traced else None
+        return traced if traced is not None else to_relax(deployed, self.task.example)
 
     @property
     def compiled_anchor(self) -> Anchor | None:
@@ -124,9 +138,9 @@ class Evaluator:
             # latency and size known before the fine-tune (the baseline, measured whole, set
             # the reference); a candidate whose kernels cannot all be costed is measured whole
             start = time.perf_counter()
-            mod = to_relax(deployed_form(model, policy, task.train), task.example)
-            predicted = self.library.predict(mod, self.base_sum(), self.reference_ms,
-                                             self.target, progress)
+            base = self.base_sum()
+            predicted = self.library.predict(self._predicted_form(model, policy), base,
+                                             self.reference_ms, self.target, progress)
             predict_s = time.perf_counter() - start
         start = time.perf_counter()
         if not identity:
