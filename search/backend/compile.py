@@ -256,12 +256,17 @@ class Compiler:
             measure_callbacks=callbacks,
         )
 
+    def _before_fusion(self, mod: Any) -> Any:
+        """The passes every build starts with: BatchNorm folded, convs NHWC / HWIO
+        (search.backend.layout), then int8 layers as int8 x int8 kernels (search.backend.int8)."""
+        from search.backend.int8 import lower_int8
+
+        return lower_int8(cpu_layout(mod), target=self.target)
+
     def lower(self, mod: Any) -> Any:
         """The fused-TIR form `compile` builds `mod` from (the same layout, int8 and fusion
         passes), without tuning or code generation: its kernels and its constants."""
-        from search.backend.int8 import lower_int8
-
-        return _fused(lower_int8(cpu_layout(mod), target=self.target), self.target)
+        return _fused(self._before_fusion(mod), self.target)
 
     def kernels_of(self, mod: Any, lowered: bool = False) -> list[Any]:
         """The tunable kernels (MetaSchedule tasks) `compile` would build for `mod` (a Relax
@@ -328,14 +333,13 @@ class Compiler:
     def _compile(self, mod: Any, progress: Any | None, transfer: bool = True) -> Compiled:
         from tvm.s_tir import meta_schedule as ms
 
-        from search.backend.int8 import int8_kernels, lower_int8
+        from search.backend.int8 import int8_kernels
 
         try:
             self.refresh_database()  # records tuned by parallel workers too
-            mod = cpu_layout(mod)  # BatchNorm folded, convs NHWC / HWIO (search.backend.layout)
-            mod = lower_int8(mod, target=self.target)  # int8 layers -> int8 x int8 kernels
+            mod = self._before_fusion(mod)
             int8_count = len(int8_kernels(mod))
-            fused = _fused(mod, self.target)  # (the build fuses the same way: same constants)
+            fused = _fused(mod, self.target)  # `lower`'s form (the build fuses the same way)
             weights = module_weight_bytes(fused)
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
             # single-trial tasks (reshapes) have nothing to tune but still get a record
