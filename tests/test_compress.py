@@ -170,3 +170,35 @@ def test_a_conv_model_fine_tunes_in_channels_last_and_comes_back_contiguous():
     mask = [v for k, v in state.items() if "mask" in k]
     assert mask and all(torch.equal(before_v, v) for before_v, v in
                         zip([before[k] for k in state if "mask" in k], mask, strict=True))
+
+
+def test_an_evaluation_runs_channels_last_without_autograd_and_leaves_the_layout_as_it_was():
+    """Evaluation passes (every trial's validation and test accuracy) take oneDNN's
+    channels-last path too; inside a fine-tune (early stopping's checkpoints) the model stays
+    channels-last for the steps that follow."""
+    from search.core.data import channels_last, outputs_of
+
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return self.conv(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Probe()
+    data = (torch.randn(20, 3, 8, 8), torch.randint(0, 3, (20,)))
+    expected = model(data[0])
+    out, labels = outputs_of(model, data, batch=8)
+    assert seen[1:] == [True] * 3 and not out.requires_grad and torch.equal(labels, data[1])
+    assert torch.allclose(out, expected.detach(), atol=1e-5)
+    assert model.conv.weight.is_contiguous()
+    with channels_last(model):
+        outputs_of(model, data, batch=8)
+        assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not model.conv.weight.is_contiguous()
+    assert model.conv.weight.is_contiguous()

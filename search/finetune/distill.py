@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +17,16 @@ from torch import nn
 from search.compress.knob import active, weight_layers
 from search.compress.policy import Policy
 from search.compress.quantize import DropConnect
-from search.core.data import Batch, Inputs, Loss, Split, call, cross_entropy, outputs_of
+from search.core.data import (
+    Batch,
+    Inputs,
+    Loss,
+    Split,
+    call,
+    channels_last,
+    cross_entropy,
+    outputs_of,
+)
 from search.core.errors import TrialFailed
 
 
@@ -127,24 +136,6 @@ def _distill(student: nn.Module, teacher: Teacher, data: Split, options: Finetun
                 if on_step is not None:
                     on_step(step + 1)
     return student.eval()
-
-
-@contextlib.contextmanager
-def channels_last(model: nn.Module) -> Iterator[Callable[[Inputs], Inputs]]:
-    """Train a convolutional model in channels-last memory format: oneDNN's CPU convolutions
-    run a MobileNetV2 training step (batch 64, 64 px, two threads) in 0.20 s instead of 0.32 s.
-    Yields the conversion for a batch's inputs (4-D float tensors); the weights go back to the
-    usual contiguous format afterwards (same values), so export and saving see no change."""
-    if not any(p.dim() == 4 for p in model.parameters()):
-        yield lambda inputs: inputs
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield lambda inputs: tuple(
-            t.contiguous(memory_format=torch.channels_last)
-            if t.dim() == 4 and t.is_floating_point() else t for t in inputs)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 def _step(student: nn.Module, teacher: Teacher, b: Batch,
