@@ -202,3 +202,7 @@ def test_an_evaluation_runs_channels_last_without_autograd_and_leaves_the_layout
         assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
         assert not model.conv.weight.is_contiguous()
     assert model.conv.weight.is_contiguous()
+    # 16-bit float convolutions run slower channels-last on CPU: such a model stays as it is
+    half = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1).half())
+    with channels_last(half) as layout:
+        assert half[0].weight.is_contiguous() and layout((data[0],))[0].is_contiguous()
