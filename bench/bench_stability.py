@@ -8,13 +8,15 @@ Each entry of `--loads` is one fresh process, run one after another, with that m
 (`while True: pass` processes) running beside it. Each process compiles, from the target's
 tuning database as it is (nothing tuned: run `search tune` first, or the kernels run untuned),
 the uncompressed model (the anchor), a uniform 25 % channel cut and one random policy from the
-default space, and times each candidate twice: alone (what `interleave: false` reports) and
-round by round with the anchor (the fastest-round ratio, what `interleave: true` scales by
-the study's reference latency). Printed per process: the raw medians and the ratio; then, per
-candidate, the spread over processes ((max - min) / median) of each. Models are not fine-tuned:
-latency does not depend on weight values. `--copies` (one entry per process) sets how many
-copies of the anchor that process compiles and times in turn (search.backend.measure
-.ANCHOR_COPIES; default: what ships); the spreads are then given per number of copies.
+default space, and times each candidate twice: alone (the median of its repeats: what
+`interleave: false` reports) and round by round with the anchor (its fastest round, what
+`interleave: true` reports, beside the median of those rounds and the fastest-round ratio to
+the anchor, the figure before bench/RESULTS.md 13.32). Printed per process: those figures;
+then, per candidate, the spread over processes ((max - min) / median) of the alone median, the
+ratio and the fastest round. Models are not fine-tuned: latency does not depend on weight
+values. `--copies` (one entry per process) sets how many copies of the anchor that process
+compiles and times in turn (search.backend.measure.ANCHOR_COPIES; default: what ships); the
+spreads are then given per number of copies.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def child(task_name: str, seed: int, copies: int | None = None) -> dict:
         alone = compile_and_time(model, x, compiler, spec, atol=tol)
         paired = compile_and_time(model, x, compiler, spec, atol=tol, anchor=anchor)
         rows[name] = {"alone_ms": alone.latency.median_ms,
-                      "interleaved_ms": paired.latency.median_ms,
+                      "interleaved_ms": paired.latency.raw_ms,  # the median of its rounds
+                      "fastest_ms": paired.latency.median_ms,  # what a trial reports
                       "anchor_ms": paired.latency.anchor_ms, "ratio": paired.latency.ratio,
                       "kernels": alone.compiled.tasks, "source": alone.source.label}
     return rows
@@ -133,7 +136,8 @@ def main() -> None:
                      "copies": int(copies[i]) if copies else None})
         for name, r in rows.items():
             print(f"process {i} ({hogs} hogs) {name:>14}: alone {r['alone_ms']:7.3f} ms  "
-                  f"interleaved: candidate {r['interleaved_ms']:7.3f} ms, anchor "
+                  f"interleaved: candidate {r['interleaved_ms']:7.3f} ms "
+                  f"(fastest {r['fastest_ms']:7.3f}), anchor "
                   f"{r['anchor_ms']:7.3f} ms, ratio {r['ratio']:.3f}  [{r['source']}]",
                   flush=True)
     args.out.write_text(json.dumps(runs, indent=1))
@@ -149,7 +153,9 @@ def report(runs: list[dict]) -> None:
         alone = [r["rows"][name]["alone_ms"] for r in runs]
         ratio = [r["rows"][name]["ratio"] for r in runs]
         quiet = [r["rows"][name] for r in runs if r["hogs"] == 0]
+        fastest = [r["rows"][name]["fastest_ms"] for r in runs if "fastest_ms" in r["rows"][name]]
         print(f"  {name:>14}: alone {spread(alone):6.1%}   ratio {spread(ratio):6.1%}   "
+              f"fastest {spread(fastest) if len(fastest) > 1 else float('nan'):6.1%}   "
               f"(idle processes only: alone "
               f"{spread([q['alone_ms'] for q in quiet]) if len(quiet) > 1 else float('nan'):6.1%}"
               f", ratio "

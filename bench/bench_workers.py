@@ -13,9 +13,10 @@ fine-tune steps wait while a candidate is timed: search.devices.lock).
 
 Printed: trials, wall time and trials per hour per run; then, for every policy both runs
 evaluated (the uniform seeds at least), the ratio of its latency in the 2-worker run to the
-1-worker run: the reported figure (latency_ms: the fastest-round ratio to the uncompressed model,
-timed interleaved, x the study's reference), the ratio alone (latency_ratio) and the process's
-raw median (latency_raw_ms); median and worst over the policies.
+1-worker run: the reported figure (latency_ms: the candidate's fastest round, timed
+interleaved with the uncompressed model; before bench/RESULTS.md 13.32, the ratio of the fastest
+rounds x the study's reference), the ratio (latency_ratio) and the median of its rounds
+(latency_raw_ms); median and worst over the policies.
 """
 
 from __future__ import annotations

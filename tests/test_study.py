@@ -87,25 +87,29 @@ def test_the_study_is_seeded_with_the_baseline_and_uniform_policies(tiny_run):
             assert (t.constraints["latency_budget_ms"] <= 0) == (t.user_attrs["latency_ms"] <= 0.5)
 
 
-def test_every_latency_is_timed_against_the_uncompressed_model_and_scaled_by_one_reference(
-        tiny_run):
+def test_every_latency_is_its_fastest_round_timed_beside_the_uncompressed_model(tiny_run):
+    """A trial's figure is its own fastest round, not scaled by the anchor (whose weights beyond
+    the cache make it the noisiest model on a shared machine: bench/RESULTS.md 13.32); the ratio
+    to the anchor's fastest round is kept beside it, and the study's reference (the anchor's
+    fastest round in the first timed trial) is what predictions are scaled by."""
     out, data = tiny_run
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
     reference = study.user_attrs["reference_latency_ms"]
+    assert reference > 0
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for t in done:
         a = t.user_attrs
-        assert a["latency_ms"] == pytest.approx(a["latency_ratio"] * reference)
-        assert a["latency_source"]["reference_ms"] == reference
-        assert a["latency_raw_ms"] > 0
-    baseline = done[0].user_attrs  # the uncompressed model timed against itself
+        assert a["latency_ratio"] > 0 and a["latency_source"]["method"] == "measured"
+        assert a["latency_source"]["reference_ms"] is None  # measured, not scaled
+        assert a["latency_p25_ms"] >= a["latency_ms"] > 0  # the fastest of its rounds
+        assert a["latency_raw_ms"] >= a["latency_ms"]  # ... and their median beside it
+    baseline = done[0].user_attrs  # the uncompressed model timed beside itself
     assert baseline["uncompressed"] and 0.5 < baseline["latency_ratio"] < 2.0
-    assert all(p["latency_source"]["reference_ms"] == reference for p in data["points"])
     # ONNX Runtime's reference figure is timed the same way, so the front compares like with like
     ort = data["reference"]
-    assert ort["timing"] == "interleaved" and ort["source"]["reference_ms"] == reference
-    assert ort["uncompressed_onnxruntime_fp32_ms"] == pytest.approx(ort["ratio"] * reference)
-    assert ort["ratio"] > 0  # (TINY compiles untuned: no bound on how far apart they are)
+    assert ort["timing"] == "interleaved" and ort["source"]["reference_ms"] is None
+    assert ort["uncompressed_onnxruntime_fp32_ms"] > 0 and ort["ratio"] > 0
+    # (TINY compiles untuned: no bound on how far apart they are)
 
 
 def test_front_and_export_commands(tiny_run):

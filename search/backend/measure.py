@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,24 +26,21 @@ from search.devices.target import Measurement
 # spread, so the uncompressed model itself (ratio 1) is not retuned by chance
 SUSPECT_RATIO = 1.1
 # the anchor is compiled and loaded this many times in a process and the rounds alternate over
-# the copies (the figure: the mean of the copies' fastest rounds). One copy's fastest round sat
-# 1-3 % apart from process to process in 13.18, and a second copy in the same process differed
-# from the first by up to 1.2 % (presumably where its code and weights landed in memory): two
-# copies would have agreed within 1.2-2.8 % there, against 3.5-3.7 % (13.18's rounds re-read,
-# bench/RESULTS.md 13.27). Not yet measured live on a quiet machine (13.27's A/B drowned in a
-# neighbour's load), so one copy ships; `bench/bench_stability.py --copies 1,2,1,2,1,2`.
+# the copies (its figure: the mean of the copies' fastest rounds): the study's reference and
+# the ratio beside each figure. Two copies would have steadied that 1.2-2.8 % against 3.5-3.7 %
+# on 13.18's rounds re-read, but not in 13.27's live A/Bs on a noisy machine: one ships.
 ANCHOR_COPIES = 1
 
 
 @dataclass(frozen=True)
 class Latency:
-    """A measured latency: median over repeats, with the interquartile spread. Timed against an
-    anchor (the uncompressed model, interleaved round by round), it also carries the ratio of
-    the candidate's fastest round to the anchor's (the mean over the anchor's copies of each
-    one's fastest round), which separate processes agree on, with the candidate's rounds'
-    quartiles in the same unit."""
+    """A measured latency with the interquartile spread of its rounds. Timed alone: the median
+    over repeats. Timed against an anchor (the uncompressed model, interleaved round by
+    round): the candidate's fastest round, the least disturbed, which separate processes agree
+    on (bench/RESULTS.md 13.32), with its rounds' median and the ratio of its fastest round to
+    the anchor's (the mean over the anchor's copies of each one's fastest round) beside it."""
 
-    median_ms: float
+    median_ms: float  # the figure: see above
     p25_ms: float
     p75_ms: float
     repeats: int
@@ -52,16 +49,7 @@ class Latency:
     ratio_p25: float | None = None  # the candidate's rounds / the anchor's: quartiles
     ratio_p75: float | None = None
     anchor_ms: float | None = None  # the anchor's: mean over its copies of their fastest round
-    raw_ms: float | None = None  # once scaled: this process's own median
-
-    def scaled(self, reference_ms: float) -> Latency:
-        """The ratio times a reference latency of the anchor (the study's, measured once):
-        figures from processes under different load then agree (bench/RESULTS.md)."""
-        if self.ratio is None:
-            return self
-        return replace(self, median_ms=self.ratio * reference_ms, raw_ms=self.median_ms,
-                       p25_ms=self.ratio_p25 * reference_ms,
-                       p75_ms=self.ratio_p75 * reference_ms)
+    raw_ms: float | None = None  # interleaved: the median of the candidate's rounds
 
 
 @dataclass(frozen=True)
@@ -236,7 +224,7 @@ def timed_rounds(timer: Callable[[], float], settings: Measurement,
                  emulation: str | None = None) -> Latency:
     """Time `timer` alone (`settings.repeat` rounds: the median and quartiles), or round by
     round with the anchor (`settings.rounds`, each round timing one of its copies in turn):
-    the candidate's fastest round over the mean of the copies' fastest rounds."""
+    the candidate's fastest round, and its ratio to the mean of the copies' fastest rounds."""
     samples: list[float] = []
     anchors: list[list[float]] = [[] for _ in anchor_timers]
     rounds = settings.rounds if anchor_timers else settings.repeat
@@ -250,15 +238,16 @@ def timed_rounds(timer: Callable[[], float], settings: Measurement,
     p25, med, p75 = np.percentile(samples, [25, 50, 75])
     if not anchor_timers:
         return Latency(float(med), float(p25), float(p75), len(samples), emulation)
-    # NOTE: the fastest round of each, not the median per-round ratio: on a shared machine the
-    # uncompressed model (weights beyond the cache) is slowed by neighbours far more than a
-    # small candidate, so per-round ratios move with the load; the least-disturbed rounds agree
-    # across processes (bench/bench_estimators.py, bench/RESULTS.md 13.18); the mean over the
-    # anchor's copies, as one copy's speed depends on where it landed in memory (13.27)
+    # NOTE: the candidate's fastest round, not a ratio to the anchor's: on a shared machine
+    # neighbours slow the uncompressed model (weights beyond the cache) far more than a small
+    # candidate, so a ratio carries the anchor's noise, while load only ever adds time to the
+    # candidate's own rounds (bench/RESULTS.md 13.18, 13.27, 13.32). The ratio, of the fastest
+    # rounds of each (per-round ratios move with the load), is kept beside it; the anchor's
+    # figure is the mean over its copies of their fastest rounds
     floor = float(np.mean([min(a) for a in anchors if a]))
     r25, r75 = np.percentile(np.array(samples) / floor, [25, 75])
-    return Latency(float(med), float(p25), float(p75), len(samples), emulation,
-                   min(samples) / floor, float(r25), float(r75), floor)
+    return Latency(min(samples), float(p25), float(p75), len(samples), emulation,
+                   min(samples) / floor, float(r25), float(r75), floor, float(med))
 
 
 def _timer(vm: Any, dev: Any, settings: Measurement, xs: list[Any]) -> Callable[[], float]:

@@ -24,7 +24,7 @@ class Measurement:
     min_repeat_ms: int = 50  # a repeat lasts at least this long (number grows to fit)
     cooldown_ms: int = 0  # pause between repeats (thermal throttling on small boards)
     rounds: int = 35  # interleaved with the uncompressed model: repeats of each, alternating;
-    # the fastest of each are compared (a shared machine's least-disturbed rounds)
+    # the candidate's fastest is its figure (a shared machine's least-disturbed round)
 
 
 @dataclass(frozen=True)

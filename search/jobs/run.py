@@ -372,7 +372,7 @@ def reference_latency(task: Task, target: TargetSpec, config: SearchConfig,
                       anchor: Anchor | None = None) -> dict[str, Any] | None:
     """The uncompressed model under ONNX Runtime fp32: how good our compiled latency is. Timed
     as the trials are, so the front compares like with like: round by round with the
-    uncompressed TVM model (its fastest round over TVM's fastest, times the study's reference),
+    uncompressed TVM model (its fastest round; `reference_ms` set: the trials were timed so),
     or alone (the median of its rounds) where trials were timed alone. `anchor`: the one the
     trials were timed against, if this process has it (else one is compiled)."""
     from search.backend.measure import compile_anchor, time_against_anchor
@@ -390,7 +390,5 @@ def reference_latency(task: Task, target: TargetSpec, config: SearchConfig,
     anchor = anchor or compile_anchor(task.model, task.example, compiler(), target)
     latency = time_against_anchor(ort_timer(onnx, task.example, target.measurement), anchor,
                                   target)
-    ratio = float(latency.ratio)
-    return {"uncompressed_onnxruntime_fp32_ms": ratio * reference_ms,
-            "timing": "interleaved", "ratio": ratio,
-            "source": source.scaled(reference_ms).to_dict()}
+    return {"uncompressed_onnxruntime_fp32_ms": latency.median_ms,
+            "timing": "interleaved", "ratio": float(latency.ratio), "source": source.to_dict()}

@@ -168,8 +168,8 @@ def table(data: dict) -> str:
     ref = data.get("reference")
     if base and ref:
         ort_ms = ref["uncompressed_onnxruntime_fp32_ms"]
-        how = ("timed as the trials are: its fastest round interleaved with the uncompressed "
-               "TVM model's fastest, times the reference" if ref.get("timing") == "interleaved"
+        how = ("timed as the trials are: its fastest round, interleaved with the uncompressed "
+               "TVM model" if ref.get("timing") == "interleaved"
                else "the median of its repeats, timed alone")
         lines.append(f"reference: uncompressed under ONNX Runtime fp32 {ort_ms:.3f} ms ({how}); "
                      f"TVM compiled {base['latency_ms']:.3f} ms "
@@ -179,10 +179,11 @@ def table(data: dict) -> str:
                  "steps given once the search is over to the points within the budget on or "
                  "near the front (the sampler saw every candidate's short fine-tune). Latency: "
                  "of the "
-                 "TVM-compiled model, timed; interleaved with the uncompressed model (the "
-                 "label's `ratio to uncompressed`), its fastest round over the uncompressed "
-                 "model's, times the reference, with the quartiles of its rounds; alone, the "
-                 "median of its repeats; size: the weight bytes of the compiled "
+                 "TVM-compiled model, timed; interleaved with the uncompressed model, its "
+                 "fastest round, with the quartiles of its rounds; alone, the median of its "
+                 "repeats; predicted (an ESTIMATE, `ratio to uncompressed`): its kernels' "
+                 "recorded times over the uncompressed model's, times the reference; size: the "
+                 "weight bytes of the compiled "
                  "library, measured from it (what `search export` writes); ideal (est.): an "
                  "ESTIMATE of the weights in formats counted but not written (sparse + Huffman, "
                  "codebooks, packed sub-8-bit).")

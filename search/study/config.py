@@ -49,7 +49,7 @@ class SearchConfig:
     heartbeat_grace_s: int = 90  # without one this long is failed and run again (dead worker)
     startup_trials: int = 6  # trials before TPE models the space (the seeds count)
     interleave: bool = True  # time each candidate round by round with the uncompressed model
-    # and report fastest round / its fastest round x the study's reference (processes agree)
+    # and report its fastest round (processes agree), the ratio to the model's beside it
     latency: str = "measured"  # measured: every trial compiled and timed whole; predicted: its
     # kernels costed from the kernel library while searching (search.backend.predict; needs
     # interleave, else measured), front points then measured whole

@@ -177,10 +177,8 @@ class Evaluator:
                                  atol=output_tolerance(policy), progress=progress,
                                  anchor=anchor, checks=self.checks)
         latency, compiled, source = timed.latency, timed.compiled, timed.source
-        if latency.ratio is not None:
-            if self.reference_ms is None:
-                self.reference_ms = latency.anchor_ms
-            latency, source = latency.scaled(self.reference_ms), source.scaled(self.reference_ms)
+        if self.reference_ms is None and latency.anchor_ms is not None:
+            self.reference_ms = latency.anchor_ms  # what predictions are scaled by
         return TrialResult(val_accuracy, test_accuracy, latency, source, stats,
                            compiled.weights.total, compiled.weights.by_dtype, finetune_s,
                            timed.compile_s,

@@ -156,7 +156,7 @@ def objective_factory(evaluator: Evaluator, space: list[LayerSpace], budget_ms: 
             "latency_p75_ms": result.latency.p75_ms,
             "latency_repeats": result.latency.repeats,
             "latency_ratio": result.latency.ratio,  # to the uncompressed, timed interleaved
-            "latency_raw_ms": result.latency.raw_ms,  # this process's own median
+            "latency_raw_ms": result.latency.raw_ms,  # interleaved: its rounds' median
             "latency_source": result.latency_source.to_dict(),
             "params": result.stats.params,
             "flops": result.stats.flops,
@@ -411,8 +411,8 @@ def settle(study: optuna.Study, config: SearchConfig, again: Callable[[], None],
 
 def _time_whole(point: Any, task: Task, run_dir: Path, compiler: Compiler,
                 target: TargetSpec, anchor: Anchor, checks: Any, was: str) -> dict[str, Any]:
-    """A front point compiled and timed whole as the trials are (round by round with the
-    uncompressed model, times the study's reference): a `front_measured` row, `was` naming the
+    """A front point compiled and timed whole as the trials are (its fastest round, round by
+    round with the uncompressed model): a `front_measured` row, `was` naming the
     figure it replaces (predicted_ms, transferred_ms)."""
     from search.study.runfolder import load_trial_model
 
@@ -424,9 +424,6 @@ def _time_whole(point: Any, task: Task, run_dir: Path, compiler: Compiler,
     except TrialFailed as exc:
         return {**row, "error": str(exc)}
     latency, source = timed.latency, timed.source
-    reference = point.latency_source.reference_ms
-    if latency.ratio is not None and reference:
-        latency, source = latency.scaled(reference), source.scaled(reference)
     return {**row, "measured_ms": latency.median_ms,
             "measured_iqr_ms": [latency.p25_ms, latency.p75_ms],
             "rel_error": (point.latency_ms - latency.median_ms) / latency.median_ms,
