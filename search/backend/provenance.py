@@ -3,7 +3,7 @@ front.json, the per-layer table, `search show`), so a user always reads how it w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 METHODS = ("measured", "emulated", "predicted")
@@ -35,8 +35,8 @@ class Provenance:
     target: str
     tuning: str
     emulator: str | None = None  # the emulator, when method is "emulated"
-    # timed round by round against the uncompressed model: the figure is the fastest-round ratio
-    # times this reference latency of it (ms), the study's, measured once
+    # a prediction: the kernels' ratio to the uncompressed model's times this reference latency
+    # of it (ms), the study's, measured once (a measured figure is its own: None)
     reference_ms: float | None = None
 
     def __post_init__(self) -> None:
@@ -49,9 +49,6 @@ class Provenance:
         """A figure timed on the compiled artifact (or under an emulator)."""
         return cls("emulated" if emulated_by else "measured", target,
                    tuning_label(tuned, tasks, transferred), emulated_by)
-
-    def scaled(self, reference_ms: float) -> Provenance:
-        return replace(self, reference_ms=float(reference_ms))
 
     @property
     def estimate(self) -> bool:
