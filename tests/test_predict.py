@@ -177,15 +177,45 @@ def test_a_prediction_imports_by_fx_only_where_fx_gave_exports_kernels(tiny_task
         monkeypatch.setattr(ev, "traced_relax", traced)
         e = ev.Evaluator(tiny_task, target, Compiler(target, tmp_path, trials_per_task=0),
                          SearchConfig(latency="predicted"))
+        e.reference_ms = 1.0
         e.base_sum()
         exported.clear()
         return e
 
     e = evaluator(traced_relax)  # the same kernels: candidates are traced, not exported
-    e._predicted_form(model, policy)
-    assert exported == []
+    e._predict(model, None)
+    assert not any(m is model for m in exported)
     # a trace that imports the uncompressed model into other kernels is not relied on
     e = evaluator(lambda m, x: traced_relax(convs(16, 32), X) if m is tiny_task.model
                   else traced_relax(m, x))
-    e._predicted_form(model, policy)
-    assert len(exported) == 1
+    e._predict(model, None)
+    assert [m for m in exported if m is model] == [model]
+
+
+def test_without_early_stopping_a_trial_predicts_from_the_model_it_deploys(tiny_task, tmp_path,
+                                                                           monkeypatch):
+    """The prediction comes after the fine-tune, from the deployed model itself (no copy put
+    in its deployed form first): the same figure as a prediction of that model."""
+    from search.study import evaluate as ev
+    from search.study.config import SearchConfig
+
+    target = load_target("host")
+    e = ev.Evaluator(tiny_task, target, Compiler(target, tmp_path, trials_per_task=1),
+                     SearchConfig(latency="predicted", finetune_steps=2))
+    e.reference_ms = 2.0
+    policy = Policy({"fc1": LayerPolicy(rank=0.25, bits=8), "conv2": LayerPolicy(sparsity=0.5)})
+    deployed = build(tiny_task.model, policy, tiny_task.example, tiny_task.train)
+    for model in (tiny_task.model.eval(), deployed):  # their kernels tuned first, as a study's
+        mod = to_relax(model, tiny_task.example)  # first trials do
+        for _ in range(3):  # (one tuning trial a kernel: it may fail)
+            e.library.predict(mod, e.base_sum(), 2.0, target)
+            if e.base_sum().complete and e.library.model_sum(mod).complete:
+                break
+    assert e.base_sum().complete
+    monkeypatch.setattr(ev, "deployed_form", lambda *a: pytest.fail("a copy was deployed"))
+    result, model = e(policy)
+    assert result.latency_source.method == "predicted"
+    again = e.library.predict(to_relax(model, tiny_task.example), e.base_sum(), 2.0, target)
+    assert result.latency.ratio == pytest.approx(again.ratio) and 0 < again.ratio < 1
+    assert result.latency.median_ms == pytest.approx(2.0 * again.ratio)
+    assert result.size_bytes == again.weights.total

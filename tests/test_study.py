@@ -281,6 +281,15 @@ def test_predicted_latency_search_measures_its_front_whole_and_reports_the_error
     rel = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows.values()]
     assert table["error"]["n"] == len(rows) >= 1
     assert table["error"]["median_abs_rel_error"] == pytest.approx(statistics.median(rel))
+    # and as ratios (to the uncompressed model timed beside each point), without that model's
+    # drift since the reference was taken
+    reference = study.user_attrs["reference_latency_ms"]
+    for r in rows.values():
+        assert r["measured_ratio"] == pytest.approx(r["measured_ms"] / r["anchor_ms"])
+    rel = [abs(r["predicted_ms"] / reference - r["measured_ratio"]) / r["measured_ratio"]
+           for r in rows.values()]
+    assert table["error"]["ratio"]["n"] == len(rows)
+    assert table["error"]["ratio"]["median_abs_rel_error"] == pytest.approx(statistics.median(rel))
     sources = {t.user_attrs["latency_source"]["method"] for t in study.trials
                if t.state == optuna.trial.TrialState.COMPLETE}
     assert "predicted" in sources  # the search itself ran on predictions

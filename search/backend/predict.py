@@ -101,6 +101,9 @@ class KernelLibrary:
         self.compiler = compiler
         self._donors: dict[str, list[Donor]] = {}
         self._stamp: tuple[Any, int] = (None, -1)
+        # each kernel's cost by its structural hash, until the database grows: the trials of a
+        # study meet the same kernels again, and a database query costs 3 ms (0.3 s a model)
+        self._costs: dict[int, tuple[bool, float] | None] = {}
 
     def _index(self) -> None:
         from tvm.s_tir.analysis import estimate_tir_flops
@@ -125,11 +128,20 @@ class KernelLibrary:
             text = kernel_text(mod)
             donors.setdefault(structure(text), []).append(
                 Donor(extents(text), ms, float(estimate_tir_flops(mod))))
-        self._donors, self._stamp = donors, stamp
+        self._donors, self._stamp, self._costs = donors, stamp, {}
 
     def _lookup(self, task: Any) -> tuple[bool, float] | None:
         """One call of a kernel: (costed by a donor?, ms before DONOR_FACTOR); None when it
         has neither a record nor a donor. The index must be current (`_index`)."""
+        from tvm_ffi import structural_hash
+
+        mod = task.dispatched[0]
+        key = structural_hash(mod)
+        if key not in self._costs:
+            self._costs[key] = self._cost(task)
+        return self._costs[key]
+
+    def _cost(self, task: Any) -> tuple[bool, float] | None:
         from tvm.s_tir.analysis import estimate_tir_flops
 
         from search.backend.transfer import distance, extents, kernel_text, structure

@@ -15,7 +15,7 @@ from torch import nn
 
 from search.backend.compile import Compiler, to_relax, traced_relax
 from search.backend.measure import Anchor, Latency, compile_anchor, compile_and_time
-from search.backend.predict import KernelLibrary, KernelSum, deployed_form
+from search.backend.predict import KernelLibrary, KernelSum, Prediction, deployed_form
 from search.backend.provenance import Provenance
 from search.compress.build import apply_precision, output_tolerance, restructure
 from search.compress.policy import Policy
@@ -108,12 +108,16 @@ class Evaluator:
                 self.compiler.kernels_of(traced), kernels)
         return self._base
 
-    def _predicted_form(self, model: nn.Module, policy: Policy) -> Any:
-        """A candidate's deployed form as Relax, for its kernels: traced by torch.fx where
-        that gave export's kernels on the uncompressed model (`base_sum`), else exported."""
-        deployed = deployed_form(model, policy, self.task.train)
+    def _predict(self, deployed: nn.Module, progress: Any | None) -> Prediction | None:
+        """A deployed candidate's latency and weight bytes from the kernel library; None where
+        some kernel cannot be costed (the caller measures it whole). Imported by torch.fx's
+        trace where that gave export's kernels on the uncompressed model (`base_sum`), else
+        exported."""
+        assert self.library is not None and self.reference_ms is not None
+        base = self.base_sum()
         traced = traced_relax(deployed, self.task.example) if self._traced else None
-        return traced if traced is not None else to_relax(deployed, self.task.example)
+        mod = traced if traced is not None else to_relax(deployed, self.task.example)
+        return self.library.predict(mod, base, self.reference_ms, self.target, progress)
 
     @property
     def compiled_anchor(self) -> Anchor | None:
@@ -134,13 +138,12 @@ class Evaluator:
         model = restructure(task.model, policy, task.example, task.train, task.loss)
         identity = all(lp.is_identity for lp in policy.layers.values())
         predicted, predict_s = None, 0.0
-        if self.library is not None and not identity and self.reference_ms is not None:
-            # latency and size known before the fine-tune (the baseline, measured whole, set
-            # the reference); a candidate whose kernels cannot all be costed is measured whole
+        predicts = self.library is not None and not identity and self.reference_ms is not None
+        if predicts and hopeless is not None:
+            # early stopping needs the latency and size before the fine-tune: predicted from
+            # a copy in its deployed form (the baseline, measured whole, set the reference)
             start = time.perf_counter()
-            base = self.base_sum()
-            predicted = self.library.predict(self._predicted_form(model, policy), base,
-                                             self.reference_ms, self.target, progress)
+            predicted = self._predict(deployed_form(model, policy, task.train), progress)
             predict_s = time.perf_counter() - start
         start = time.perf_counter()
         if not identity:
@@ -164,6 +167,12 @@ class Evaluator:
             val_accuracy = evaluate(model, task.val, task.metric)
             test_accuracy = evaluate(model, task.test, task.metric)
         finetune_s = time.perf_counter() - start
+        if predicts and hopeless is None:
+            # otherwise predicted from the deployed model itself: its kernels and weight bytes
+            # do not depend on the weights' values, and its precision is applied already
+            start = time.perf_counter()
+            predicted = self._predict(model, progress)
+            predict_s = time.perf_counter() - start
         stats = model_stats(model, policy, task.example)
         if predicted is not None:
             latency = Latency(predicted.ms, predicted.ms, predicted.ms, 0, ratio=predicted.ratio)

@@ -424,8 +424,11 @@ def _time_whole(point: Any, task: Task, run_dir: Path, compiler: Compiler,
     except TrialFailed as exc:
         return {**row, "error": str(exc)}
     latency, source = timed.latency, timed.source
+    # (interleaved: its ratio to the uncompressed model's fastest round beside it, now)
+    ratio = {"measured_ratio": latency.ratio, "anchor_ms": latency.anchor_ms} \
+        if latency.ratio is not None else {}
     return {**row, "measured_ms": latency.median_ms,
-            "measured_iqr_ms": [latency.p25_ms, latency.p75_ms],
+            "measured_iqr_ms": [latency.p25_ms, latency.p75_ms], **ratio,
             "rel_error": (point.latency_ms - latency.median_ms) / latency.median_ms,
             "tuning_s": round(timed.compiled.tuning_s, 1), "source": source.to_dict()}
 
@@ -447,11 +450,13 @@ def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: Target
     checked: dict[str, Any] = dict(study.user_attrs.get("front_predicted", {}))  # (kept when
     # tune_front replaces a point's figure with its tuned kernels')
     checks = check_inputs(task.train, task.example)
+    timed = False
     for _ in range(rounds):
         todo = [p for p in pareto(points_of(study, budget_ms, run_dir))
                 if p.latency_source.estimate and str(p.trial) not in checked]
         if not todo:
             break
+        timed = True
         say(f"timing {len(todo)} front point(s) whole (their latency was predicted) ...")
         anchor = anchor or compile_anchor(task.model, task.example, compiler, target)
         for p in todo:
@@ -462,7 +467,23 @@ def measure_front(study: optuna.Study, run_dir: Path, task: Task, target: Target
         study.set_user_attr("front_predicted", checked)
     done = [r for r in checked.values() if "error" not in r]
     report = error_report((r["predicted_ms"], r["measured_ms"]) for r in done)
+    # the predicted ratio (predicted_ms / the reference) against the ratio measured beside
+    # the uncompressed model: the prediction's own error, without how far that model's
+    # figure moved since the reference was taken (the machine's drift, 13.32's 14 %)
+    reference = study.user_attrs.get(REFERENCE)
+    report["ratio"] = error_report(
+        (r["predicted_ms"] / reference, r["measured_ratio"]) for r in done
+        if reference and r.get("measured_ratio")) if reference else {"n": 0}
     study.set_user_attr("latency_prediction_error", report)
+    if timed and report["n"]:
+        said = f"{100 * report['median_abs_rel_error']:.1f}% median, " \
+            f"{100 * report['p95_abs_rel_error']:.1f}% p95 in ms"
+        if report["ratio"]["n"]:
+            said += f"; {100 * report['ratio']['median_abs_rel_error']:.1f}% median, " \
+                f"{100 * report['ratio']['p95_abs_rel_error']:.1f}% p95 as ratios to the " \
+                f"uncompressed model timed beside each"
+        say(f"the predicted latencies of {report['n']} front point(s), against the points "
+            f"timed whole: off by {said}")
     return {"points": list(checked.values()), "error": report}
 
 
