@@ -415,3 +415,32 @@ def test_two_local_workers_cannot_both_take_one_waiting_trial(tmp_path, monkeypa
         t.join()
     assert sorted(got) == [False, True]
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+
+
+def test_a_study_one_process_runs_reads_its_trials_once_a_trial_and_proposes_the_same(
+        tmp_path):
+    """TPE's constant liar (for studies other processes share) reads the storage once per
+    parameter; a study only this process runs proposes the same without it, reading once."""
+    from search.study.storage import open_study
+
+    proposals, reads = {}, {}
+    for shared in (True, False):
+        study = open_study(f"sqlite:///{tmp_path}/{shared}.db", "s", 0, 2, create=True,
+                           shared=shared)
+        storage, count = study._storage, []
+        get_all = storage.get_all_trials
+        storage.get_all_trials = \
+            lambda *a, count=count, get_all=get_all, **k: count.append(1) or get_all(*a, **k)
+        drawn: list[list[int]] = []
+
+        def objective(trial, drawn=drawn):
+            xs = [trial.suggest_categorical(f"k{i}", [0, 1, 2]) for i in range(20)]
+            drawn.append(xs)
+            return sum(xs) / 40, 1.0 + xs[0], 100.0 + xs[1]
+
+        for _ in range(5):
+            count.clear()
+            study.optimize(objective, n_trials=1)
+        proposals[shared], reads[shared] = drawn, len(count)  # (reads: in the last trial)
+    assert proposals[True] == proposals[False]
+    assert reads[False] <= 3 and reads[True] >= 20

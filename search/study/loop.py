@@ -258,12 +258,13 @@ def prepare_study(run_dir: Path, task: Task, config: SearchConfig, url: str, nam
     """Create the study (seeded; the run's settings, sensitivity and search space stored as
     study user attrs, so a worker elsewhere joins from the storage alone) or reopen it.
     `compiler` makes the compiler whose kernel library costs the program (`ip_cost: library`);
-    `bar(total)` a progress bar for it."""
+    `bar(total)` a progress bar for it. `own_storage`: the run's own, whose trials only this
+    process runs (its sampler then needs no constant liar: search.study.storage.make_sampler)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(url, name, config.seed if sampler_seed is None else sampler_seed,
                        config.startup_trials, create=not resume,
                        heartbeat_s=config.heartbeat_s, grace_s=config.heartbeat_grace_s,
-                       sampler=config.sampler)
+                       sampler=config.sampler, shared=not own_storage)
     if resume:
         stored = study.user_attrs.get("space")  # (runs before 0.2 did not store it)
         space = [LayerSpace.from_dict(d) for d in stored] if stored else \
