@@ -290,9 +290,10 @@ class Compiler:
         return digests(a) == digests(b)
 
     def tune(self, kernels: list[Any], progress: Any | None = None) -> int:
-        """Tune, in one MetaSchedule session, the kernels (deduplicated by workload) that the
-        database lacks; under the database's lock. Returns how many have a record now (a
-        kernel whose every build failed or timed out has none: the next call tries again)."""
+        """Tune the kernels (deduplicated by workload) that the database lacks as a compile
+        does (`_tune_missing`: once more those with no valid candidate), under the database's
+        lock. Returns how many have a record now (a kernel every candidate of which failed
+        both times has none: the next call tries again)."""
         from tvm_ffi import structural_hash
 
         from search.devices.lock import file_lock
@@ -308,11 +309,8 @@ class Compiler:
                     seen.add(digest)
                     todo.append(task)
             if todo:
-                if progress is not None:
-                    progress.reset(total=len(todo) * self.trials_per_task)
-                    progress.set_description(f"tuning {len(todo)} kernels")
                 start = time.perf_counter()
-                self._tune(todo, progress)
+                self._tune_missing(todo, progress)
                 self.tuning_s_total += time.perf_counter() - start
                 self.tasks_tuned_total += len(todo)
             self._mark_own_writes()
