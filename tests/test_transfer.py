@@ -104,3 +104,29 @@ def test_a_candidate_slower_than_the_uncompressed_model_on_transferred_schedules
     own = compile_and_time(model, X, compiler, host, QUICK, anchor=small)  # a larger model
     assert own.compiled.transferred == 0 and own.compiled.fully_tuned
     assert own.compiled.new_tasks > 0 and "transferred" not in own.source.label
+
+
+def test_a_candidate_computing_fewer_ops_is_retuned_when_its_transfer_is_no_faster(library):
+    """A candidate computing clearly fewer ops than the anchor that runs no faster on
+    transferred schedules is a missed transfer (measure.FEWER_OPS), as is any slower than
+    SUSPECT_RATIO; one computing as many ops (int8) keeps its figure up to SUSPECT_RATIO."""
+    from search.backend import measure
+    from search.backend.compile import Compiled
+    from search.backend.measure import Anchor, Latency, transfer_missed
+
+    host = load_target("host")
+    anchor = measure.compile_anchor(convs(16, 32), X, Compiler(host, library, trials_per_task=0))
+    small = Compiler(host, library, trials_per_task=0).compile(to_relax(convs(8, 16), X))
+    assert 0 < small.flops < measure.FEWER_OPS * anchor.flops  # as TVM counts its kernels' ops
+
+    def missed(ratio: float | None, flops: float, transferred: int = 3,
+               to: Anchor | None = anchor) -> bool:
+        compiled = Compiled(None, 10, 7, 0, 0.0, transferred=transferred, flops=flops)
+        return transfer_missed(compiled, Latency(1.0, 1.0, 1.0, 1, ratio=ratio), to)
+
+    fewer, same = measure.FEWER_OPS * anchor.flops, anchor.flops
+    assert missed(1.0, fewer) and missed(1.04, fewer)  # 13.36's channel cut
+    assert not missed(0.97, fewer)  # faster: the transfer holds
+    assert not missed(1.04, same) and missed(measure.SUSPECT_RATIO + 0.01, same)
+    assert not missed(1.04, fewer, to=None)  # no anchor's ops known: the ratio rule alone
+    assert not missed(2.0, fewer, transferred=0) and not missed(None, fewer)  # own kernels

@@ -116,6 +116,7 @@ class Compiled:
     int8_kernels: int = 0  # integer matmuls and convs in the graph (int8 layers lowered)
     weights: WeightBytes = WeightBytes(0)  # the constants the library carries, as it reads them
     transferred: int = 0  # kernels without a record built on a nearby kernel's schedule
+    flops: float = 0.0  # its kernels' floating-point and integer ops, as TVM estimates them
 
     @property
     def fully_tuned(self) -> bool:
@@ -340,6 +341,7 @@ class Compiler:
             fused = _fused(mod, self.target)  # `lower`'s form (the build fuses the same way)
             weights = module_weight_bytes(fused)
             tasks = ms.relax_integration.extract_tasks(fused, self.target)
+            flops = kernel_flops(tasks)
             # single-trial tasks (reshapes) have nothing to tune but still get a record
             missing = [t for t in tasks if not self._has_record(t)]
             served = [] if self.transfer is None or not transfer else \
@@ -381,7 +383,7 @@ class Compiler:
         self.tuning_s_total += tuning_s
         self.tasks_tuned_total += tuned_now
         return Compiled(ex, len(tasks), tuned, tuned_now, tuning_s, int8_count, weights,
-                        transferred)
+                        transferred, flops)
 
     def _tune_missing(self, missing: list[Any], progress: Any | None) -> int:
         """Tune kernels the database lacks (if tuning is on); how many were tuned."""
@@ -407,6 +409,14 @@ class Compiler:
         from tvm.s_tir import meta_schedule as ms
 
         return ms.database.OrderedUnionDatabase(self.database, self.transfer.database())
+
+
+def kernel_flops(kernels: list[Any]) -> float:
+    """The ops a model's kernels (MetaSchedule tasks) compute, each times its calls: what a
+    compressed model computes less of than the uncompressed one, as TVM counts it."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    return sum(int(t.weight) * float(estimate_tir_flops(t.dispatched[0])) for t in kernels)
 
 
 def raised_by_us(exc: BaseException) -> bool:
